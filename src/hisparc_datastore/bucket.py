@@ -1,0 +1,247 @@
+"""The bucket: object keys and the few S3 operations the functions need.
+
+Both functions and every CLI command reach S3 through this module, with the same boto3
+settings, so what the tests exercise against a local S3 server is what production runs.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import hashlib
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+
+import boto3
+import botocore.exceptions
+from botocore.config import Config
+
+from .config import Settings
+
+INCOMING = "incoming/"
+SUSPICIOUS = "suspicious/"
+FAILED = "failed/"
+ARCHIVE = "archive/"
+PREFIXES = (INCOMING, SUSPICIOUS, FAILED, ARCHIVE)
+
+
+class BucketError(Exception):
+    """The bucket could not be reached or refused an operation; worth retrying later."""
+
+
+class ObjectMissing(BucketError):
+    """The object does not exist (already moved, or never there)."""
+
+
+@dataclass(frozen=True)
+class StoredObject:
+    key: str
+    body: bytes
+    etag: str
+    metadata: dict[str, str]
+    last_modified: dt.datetime
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    key: str
+    etag: str
+    size: int
+    last_modified: dt.datetime
+
+
+def incoming_key(station: int, md5: str) -> str:
+    """Where a verified batch lands; a resent batch maps to the same key."""
+    return f"{INCOMING}{station}/{md5}.pickle"
+
+
+def suspicious_key(station: int, md5: str) -> str:
+    return f"{SUSPICIOUS}{station}/{md5}.pickle"
+
+
+def failed_key(incoming: str) -> str:
+    return FAILED + incoming.removeprefix(INCOMING)
+
+
+def archive_key(incoming: str, received: dt.datetime) -> str:
+    """``archive/<YYYY>/<MM>/<DD>/<station>/<md5>.pickle`` by the upload's UTC date."""
+    day = received.astimezone(dt.UTC) if received.tzinfo else received
+    return f"{ARCHIVE}{day:%Y/%m/%d}/" + incoming.removeprefix(INCOMING)
+
+
+def _client_errors() -> tuple[type[BaseException], ...]:
+    return (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError)
+
+
+def _is_missing(exc: BaseException) -> bool:
+    if isinstance(exc, botocore.exceptions.ClientError):
+        code = str(exc.response.get("Error", {}).get("Code", ""))
+        return code in {"NoSuchKey", "404", "NotFound"}
+    return False
+
+
+class Bucket:
+    """One S3 bucket, reached with the configured endpoint and environment credentials."""
+
+    def __init__(
+        self,
+        name: str,
+        endpoint: str = "",
+        region: str = "us-east-1",
+        access_key: str | None = None,
+        secret_key: str | None = None,
+        connect_timeout: float = 3.0,
+        read_timeout: float = 20.0,
+        max_attempts: int = 3,
+    ) -> None:
+        self.name = name
+        self.endpoint = endpoint
+        config = Config(
+            region_name=region or "us-east-1",
+            connect_timeout=connect_timeout,
+            read_timeout=read_timeout,
+            retries={"max_attempts": max_attempts, "mode": "standard"},
+            s3={"addressing_style": "path"} if endpoint else {},
+            max_pool_connections=32,
+            # Some S3-compatible servers reject the newer default CRC checksums.
+            request_checksum_calculation="when_required",
+            response_checksum_validation="when_required",
+        )
+        self.client = boto3.session.Session().client(
+            "s3",
+            endpoint_url=endpoint or None,
+            aws_access_key_id=access_key,
+            aws_secret_access_key=secret_key,
+            config=config,
+        )
+
+    @classmethod
+    def from_settings(cls, settings: Settings, **options: float | int) -> Bucket:
+        return cls(
+            settings.bucket_name,
+            endpoint=settings.bucket_endpoint,
+            region=settings.bucket_region,
+            access_key=settings.aws_access_key_id,
+            secret_key=settings.aws_secret_access_key,
+            **options,  # type: ignore[arg-type]
+        )
+
+    def ensure_exists(self) -> None:
+        """Create the bucket if it is not there (local stacks and tests)."""
+        try:
+            self.client.head_bucket(Bucket=self.name)
+            return
+        except _client_errors():
+            pass
+        try:
+            self.client.create_bucket(Bucket=self.name)
+        except botocore.exceptions.ClientError as exc:
+            code = exc.response.get("Error", {}).get("Code", "")
+            if code not in {"BucketAlreadyOwnedByYou", "BucketAlreadyExists"}:
+                raise BucketError(f"cannot create bucket {self.name}: {exc}") from exc
+        except botocore.exceptions.BotoCoreError as exc:
+            raise BucketError(f"cannot create bucket {self.name}: {exc}") from exc
+
+    def put(self, key: str, body: bytes, metadata: Mapping[str, str]) -> str:
+        """Store ``body`` whole under ``key`` (S3 puts are atomic); returns the etag.
+
+        The MD5 is sent along so the server refuses a body damaged in transit instead of
+        storing it.
+        """
+        content_md5 = base64.b64encode(hashlib.md5(body).digest()).decode()  # noqa: S324
+        try:
+            answer = self.client.put_object(
+                Bucket=self.name,
+                Key=key,
+                Body=body,
+                ContentMD5=content_md5,
+                ContentType="application/octet-stream",
+                Metadata=dict(metadata),
+            )
+        except _client_errors() as exc:
+            raise BucketError(f"put {key}: {exc}") from exc
+        return str(answer.get("ETag", "")).strip('"')
+
+    def get(self, key: str) -> StoredObject:
+        try:
+            answer = self.client.get_object(Bucket=self.name, Key=key)
+            body = answer["Body"].read()
+        except _client_errors() as exc:
+            if _is_missing(exc):
+                raise ObjectMissing(key) from exc
+            raise BucketError(f"get {key}: {exc}") from exc
+        return StoredObject(
+            key=key,
+            body=body,
+            etag=str(answer.get("ETag", "")).strip('"'),
+            metadata=dict(answer.get("Metadata", {})),
+            last_modified=answer["LastModified"],
+        )
+
+    def head(self, key: str) -> ObjectInfo | None:
+        try:
+            answer = self.client.head_object(Bucket=self.name, Key=key)
+        except _client_errors() as exc:
+            if _is_missing(exc):
+                return None
+            raise BucketError(f"head {key}: {exc}") from exc
+        return ObjectInfo(
+            key=key,
+            etag=str(answer.get("ETag", "")).strip('"'),
+            size=int(answer.get("ContentLength", 0)),
+            last_modified=answer["LastModified"],
+        )
+
+    def metadata(self, key: str) -> dict[str, str] | None:
+        try:
+            answer = self.client.head_object(Bucket=self.name, Key=key)
+        except _client_errors() as exc:
+            if _is_missing(exc):
+                return None
+            raise BucketError(f"head {key}: {exc}") from exc
+        return dict(answer.get("Metadata", {}))
+
+    def move(self, source: str, target: str, metadata: Mapping[str, str] | None = None) -> None:
+        """Copy ``source`` to ``target``, then delete ``source``.
+
+        Not atomic: a crash between the two leaves both, which every caller tolerates
+        (the writer's ledger makes reprocessing a no-op).  ``metadata`` replaces the
+        object's metadata when given.
+        """
+        extra: dict[str, object] = {}
+        if metadata is not None:
+            extra = {"Metadata": dict(metadata), "MetadataDirective": "REPLACE"}
+        try:
+            self.client.copy_object(
+                Bucket=self.name,
+                Key=target,
+                CopySource={"Bucket": self.name, "Key": source},
+                **extra,
+            )
+        except _client_errors() as exc:
+            if _is_missing(exc):
+                raise ObjectMissing(source) from exc
+            raise BucketError(f"copy {source} -> {target}: {exc}") from exc
+        self.delete(source)
+
+    def delete(self, key: str) -> None:
+        try:
+            self.client.delete_object(Bucket=self.name, Key=key)
+        except _client_errors() as exc:
+            if not _is_missing(exc):
+                raise BucketError(f"delete {key}: {exc}") from exc
+
+    def list(self, prefix: str) -> Iterator[ObjectInfo]:
+        """Every object under ``prefix``, in key order, page by page."""
+        paginator = self.client.get_paginator("list_objects_v2")
+        try:
+            for page in paginator.paginate(Bucket=self.name, Prefix=prefix):
+                for item in page.get("Contents", []):
+                    yield ObjectInfo(
+                        key=item["Key"],
+                        etag=str(item.get("ETag", "")).strip('"'),
+                        size=int(item.get("Size", 0)),
+                        last_modified=item["LastModified"],
+                    )
+        except _client_errors() as exc:
+            raise BucketError(f"list {prefix}: {exc}") from exc
