@@ -143,7 +143,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     for (section, key), (field, parse, default) in _KEYS.items():
         variable = env_name(section, key)
         if variable in environ:
-            raw, origin = environ[variable], f"environment variable {variable}"
+            raw, origin = environ[variable], f"[{section}] {key} from {variable}"
         elif parser.has_option(section, key):
             raw, origin = parser.get(section, key), f"[{section}] {key} in {path}"
         elif default is not None:

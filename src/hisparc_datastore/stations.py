@@ -63,7 +63,7 @@ class StationList:
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         self._lock = threading.Lock()
-        self._signature: tuple[int, int, int] | None | bool = False  # False: never read
+        self._signature: tuple[int, int, int] | bool | None = False  # False: never read
         self._stations: dict[int, Station] = {}
         self.refresh()
 
