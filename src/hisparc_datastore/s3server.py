@@ -41,7 +41,7 @@ def weed_binary() -> str:
     return found
 
 
-def _port_is_free(port: int) -> bool:
+def port_is_free(port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
@@ -63,7 +63,7 @@ def free_port_pair(exclude: set[int] | None = None) -> int:
         candidates = {port, port + GRPC_OFFSET}
         if candidates & exclude:
             continue
-        if _port_is_free(port) and _port_is_free(port + GRPC_OFFSET):
+        if port_is_free(port) and port_is_free(port + GRPC_OFFSET):
             return port
     raise S3ServerError("no free pair of loopback ports found")
 
@@ -130,6 +130,7 @@ class SeaweedS3:
             "-s3.port.iceberg=0",
             "-s3.port.lance=0",
             "-master.volumeSizeLimitMB=64",
+            "-master.telemetry=false",
         ]
         log_path = self.log_path or self.data_dir / "weed.log"
         log = log_path.open("ab")
