@@ -23,6 +23,7 @@ SUSPICIOUS = "suspicious/"
 FAILED = "failed/"
 ARCHIVE = "archive/"
 PREFIXES = (INCOMING, SUSPICIOUS, FAILED, ARCHIVE)
+PICKLE_CONTENT_TYPE = "application/x-python-pickle"
 
 
 class BucketError(Exception):
@@ -142,20 +143,29 @@ class Bucket:
         except botocore.exceptions.BotoCoreError as exc:
             raise BucketError(f"cannot create bucket {self.name}: {exc}") from exc
 
-    def put(self, key: str, body: bytes, metadata: Mapping[str, str]) -> str:
+    def put(
+        self,
+        key: str,
+        body: bytes,
+        metadata: Mapping[str, str],
+        md5_digest: bytes | None = None,
+    ) -> str:
         """Store ``body`` whole under ``key`` (S3 puts are atomic); returns the etag.
 
         The MD5 is sent along so the server refuses a body damaged in transit instead of
-        storing it.
+        storing it; a caller that has already computed it passes ``md5_digest``.  The
+        content type is not a compressible one, so SeaweedFS does not spend CPU trying
+        to compress pickles.
         """
-        content_md5 = base64.b64encode(hashlib.md5(body).digest()).decode()  # noqa: S324
+        digest = md5_digest or hashlib.md5(body).digest()  # noqa: S324
+        content_md5 = base64.b64encode(digest).decode()
         try:
             answer = self.client.put_object(
                 Bucket=self.name,
                 Key=key,
                 Body=body,
                 ContentMD5=content_md5,
-                ContentType="application/octet-stream",
+                ContentType=PICKLE_CONTENT_TYPE,
                 Metadata=dict(metadata),
             )
         except _client_errors() as exc:

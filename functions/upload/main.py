@@ -1,0 +1,145 @@
+"""HTTP entry point of the upload function: ``functions-framework --target upload``.
+
+A thin shell around :func:`hisparc_datastore.upload.handle_upload`: it reads the body
+within ``[Upload] max_body_bytes``, calls the core, and turns the answer into the
+protocol's ``text/plain`` response with one log line.  Decisions made here:
+
+- Configuration is loaded when the module is imported, which functions-framework does
+  before it starts serving: a bad or missing key stops the process with a message naming
+  the key, instead of a function that answers every station with an error.
+- A body whose Content-Length is over the limit is refused before any of it is read,
+  with HTTP 413 and the body ``400`` (stations read only the body; ``400`` is the spec's
+  "body unreadable").  The response is streamed so functions-framework's after-request
+  hook does not read the body after all; gunicorn drains or closes the connection.
+  Bodies without a length (chunked) are read up to the limit plus one byte.
+- GET and HEAD answer a one-line description (a cheap liveness probe that touches no
+  bucket); other methods are answered ``400`` with HTTP 405.  Only a POST body is ever
+  read: every other answer is streamed, so no body is read behind the limit's back.
+- An unexpected exception is logged as one error line (its traceback only at debug
+  level) and answered ``205`` ("transaction failed" in the reference's list) with HTTP
+  503: never a 500 page or a traceback to the client, and like every non-``100`` answer
+  it makes the station resend the batch later.
+- The bucket client is made once, at import; its timeouts are short (see
+  ``BUCKET_OPTIONS``) so a slow bucket is answered ``404`` with HTTP 503 in seconds.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import time
+
+import flask
+import functions_framework
+
+from hisparc_datastore import upload as core
+from hisparc_datastore.bucket import Bucket
+from hisparc_datastore.config import ConfigError, Settings, load_settings
+from hisparc_datastore.logs import setup_logging
+from hisparc_datastore.stations import StationList
+
+log = logging.getLogger("hisparc_datastore.upload")
+
+DESCRIPTION = (
+    "HiSPARC datastore upload endpoint: POST station_id, password, data and checksum "
+    "as a form.\n"
+)
+READ_CHUNK = 1 << 20
+
+# The bucket client must time out well within the stations' patience (PySPARC waits
+# 10 s); a put that cannot finish in time is answered 404 and resent by the station.
+BUCKET_OPTIONS = {"connect_timeout": 2.0, "read_timeout": 10.0, "max_attempts": 2}
+
+
+def _load() -> tuple[Settings, StationList]:
+    try:
+        settings = load_settings()
+    except ConfigError as exc:
+        raise SystemExit(f"upload function: configuration error: {exc}") from None
+    setup_logging(settings)
+    if not settings.station_list.is_file():
+        raise SystemExit(
+            f"upload function: configuration error: [General] station_list = "
+            f"{settings.station_list} is not a file"
+        )
+    return settings, StationList(settings.station_list)
+
+
+SETTINGS, STATIONS = _load()
+
+# Created before gunicorn forks its workers, so that no worker pays for loading the S3
+# service model on its first request (cold start).  Safe to inherit: a boto3 client
+# opens no connection until it is used, and nothing uses it before the fork; each worker
+# then opens its own connections, and threads within a worker share the client.
+STORE = Bucket.from_settings(SETTINGS, **BUCKET_OPTIONS)
+
+
+def _response(body: str, status: int, streamed: bool = False) -> flask.Response:
+    content = iter([body.encode("ascii")]) if streamed else body
+    return flask.Response(content, status=status, mimetype="text/plain")
+
+
+def _read_body(request: flask.Request, limit: int) -> bytes | None:
+    """The whole body, or None once it grows past ``limit`` (the rest stays unread)."""
+    stream = request.stream
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        chunk = stream.read(min(READ_CHUNK, limit + 1 - size))
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
+        size += len(chunk)
+        if size > limit:
+            return None
+
+
+def _answer(request: flask.Request) -> tuple[core.UploadAnswer, bool]:
+    """The core's answer, and whether the body was left unread."""
+    limit = SETTINGS.max_body_bytes
+    length = request.content_length
+    if length is not None and length > limit:
+        return core.too_large(length, limit), True
+    try:
+        body = _read_body(request, limit)
+    except Exception as exc:  # client went away, bad chunking: the body is unreadable
+        return core.UploadAnswer(
+            code=core.BAD_REQUEST, reason=f"body unreadable: {type(exc).__name__}"
+        ), True
+    if body is None:
+        return core.too_large(None, limit), True
+    answer = core.handle_upload(
+        body,
+        request.headers.get("Content-Type", ""),
+        STATIONS,
+        STORE,
+        SETTINGS,
+        dt.datetime.now(dt.UTC),
+    )
+    return answer, False
+
+
+@functions_framework.http
+def upload(request: flask.Request) -> flask.Response:
+    """Answer a station's POST with one protocol code as text/plain."""
+    if request.method in ("GET", "HEAD"):
+        return _response(DESCRIPTION, 200, streamed=True)  # a GET body is never read
+    started = time.perf_counter()
+    if request.method != "POST":
+        answer, unread = core.UploadAnswer(
+            code=core.BAD_REQUEST, http_status=405, reason=f"method {request.method}"
+        ), True
+    else:
+        try:
+            answer, unread = _answer(request)
+        except Exception as exc:  # a defect of ours: one error line; the trace at debug only
+            log.error("upload failed unexpectedly (answered %s): %s: %s",
+                      core.TRANSACTION_FAILED, type(exc).__name__, exc)
+            log.debug("upload failure detail", exc_info=True)
+            answer, unread = core.UploadAnswer(
+                code=core.TRANSACTION_FAILED, http_status=503, reason="internal error"
+            ), True
+    milliseconds = (time.perf_counter() - started) * 1000
+    level = logging.INFO if answer.http_status < 500 else logging.WARNING
+    log.log(level, "%s", core.log_line(answer, milliseconds))
+    return _response(answer.code, answer.http_status, streamed=unread)
