@@ -16,6 +16,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "status": ("hisparc_datastore.status", "objects per prefix, newest write, daily files"),
     "local": ("hisparc_datastore.local", "run the embedded local stack (S3 + both functions)"),
     "simulate": ("hisparc_datastore.simulate", "behave like a station: upload batches"),
+    "replay": ("hisparc_datastore.replay", "rebuild day files from archive/ into a directory"),
+    "import-legacy": ("hisparc_datastore.legacy",
+                      "put a reference datastore's queue folders into the bucket"),
+    "failed": ("hisparc_datastore.failed", "list, inspect and retry quarantined objects"),
 }
 
 

@@ -1,0 +1,879 @@
+"""The writer: objects under ``incoming/`` into the daily HDF5 files, then to ``archive/``.
+
+Every path into HDF5 goes through :func:`process_keys` (a notification's keys) or
+:func:`sweep` (everything still under ``incoming/``).  Both work in chunks of objects:
+fetch the chunk concurrently, decode each object, group the events of *all* objects in
+the chunk by UTC day, open each day file once and append every object's part in one
+transaction, and only then move the objects whose every day is written to ``archive/``.
+Thousands of one-event objects therefore cost one file open per day, not one per object.
+
+Why this order is crash-safe: an object leaves ``incoming/`` only after its rows are in
+every day file it touches *and* its archive copy exists.  A crash anywhere before that
+leaves it in ``incoming/``; the next notification or sweep appends it again, and the day
+file's ingest ledger (keyed by object key) turns that second append into a no-op.
+
+Outcomes per object (one of):
+- archived: rows written (or already in the ledger, or every event skipped by the event
+  rules) and the object moved to ``archive/<YYYY>/<MM>/<DD>/...`` by its receive date;
+- already done: the object is no longer in ``incoming/`` (a duplicate notification, or
+  another writer was faster);
+- quarantined: the bytes cannot be decoded (:class:`~.payload.PayloadError`) or a write of
+  just this object's rows fails for a reason that retrying cannot fix; the object moves
+  to ``failed/...`` with a short ASCII ``failure-reason`` in its metadata.  Never retried,
+  so a poison object cannot loop;
+- failed: a transient error (the bucket, the volume, a lock held too long) survived the
+  retries.  Nothing is lost: the object stays in ``incoming/``; the HTTP layer answers 5xx
+  so the sender retries, and the sweep picks it up anyway.
+
+Station and cluster come from the object's metadata (the upload function sets both; the
+cluster percent-encoded).  When they are missing, the station number comes from the key
+(``incoming/<station>/<md5>.pickle``) and the cluster from the station list.  When no
+cluster can be found the object is *failed*, not quarantined: it is a configuration gap
+(a station list not yet updated), so the object waits in ``incoming/`` for the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import logging
+import os
+import threading
+import time
+import urllib.parse
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Generic, TypeVar
+
+from .bucket import (
+    INCOMING,
+    Bucket,
+    BucketError,
+    ObjectInfo,
+    ObjectMissing,
+    StoredObject,
+    archive_key,
+    failed_key,
+)
+from .config import Settings
+from .daystore import AppendReport, BatchPart, DayFile, DayFileError, DayFileLocked, day_file_path
+from .payload import PayloadError, decode_batch
+from .rows import SkipReport, split_by_day
+from .s3direct import DirectS3
+from .stations import StationList
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+#: Errors worth retrying: the bucket, the volume, a day file locked by another writer
+#: (:class:`~.daystore.DayFileLocked` is a TimeoutError).
+TRANSIENT: tuple[type[BaseException], ...] = (BucketError, OSError, TimeoutError)
+
+#: A chunk holds at most this many objects, or this many body bytes (a single larger
+#: object forms a chunk of its own).  Bounds memory; large enough to amortise file opens.
+CHUNK_OBJECTS = 1000
+CHUNK_BYTES = 8 * 1024 * 1024
+#: Concurrent S3 requests (boto3 clients are thread-safe; the work is mostly waiting).
+S3_THREADS = 8
+#: Seconds to wait for another writer's lock on a day file before calling it transient.
+LOCK_TIMEOUT = 60.0
+#: The sweep lists ``incoming/`` in windows of at least this many keys, cut at a station
+#: boundary, and processes each window oldest first (see :func:`sweep`).
+LIST_WINDOW = 10_000
+#: Objects up to this size are archived by putting the bytes already in hand (cheapest for
+#: the server); larger ones by a server-side copy, so their bytes are dropped right after
+#: decoding and memory stays near one batch (decoded) per chunk.
+ARCHIVE_PUT_BYTES = 256 * 1024
+#: Longest ``failure-reason`` kept in the failed object's metadata.
+REASON_LENGTH = 200
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Pauses between attempts; ``len(delays) + 1`` attempts in all."""
+
+    delays: tuple[float, ...] = (0.2, 1.0, 2.0)
+
+
+DEFAULT_RETRY = RetryPolicy()
+
+
+@dataclass
+class WriteResult:
+    """What happened to each object; ``ok`` decides between 2xx and 5xx."""
+
+    archived: list[str] = field(default_factory=list)
+    already_done: list[str] = field(default_factory=list)
+    quarantined: dict[str, str] = field(default_factory=dict)
+    failed: dict[str, str] = field(default_factory=dict)
+    errors: list[str] = field(default_factory=list)  # failures not tied to one object
+    rows: int = 0
+    skipped_events: int = 0
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed and not self.errors
+
+    @property
+    def objects(self) -> int:
+        return (
+            len(self.archived) + len(self.already_done) + len(self.quarantined) + len(self.failed)
+        )
+
+    def merge(self, other: WriteResult) -> None:
+        self.archived += other.archived
+        self.already_done += other.already_done
+        self.quarantined.update(other.quarantined)
+        self.failed.update(other.failed)
+        self.errors += other.errors
+        self.rows += other.rows
+        self.skipped_events += other.skipped_events
+        self.seconds += other.seconds
+
+    def summary(self) -> str:
+        errors = "".join(f"; {error}" for error in self.errors)
+        return (
+            f"{self.objects} objects: {len(self.archived)} archived, "
+            f"{len(self.already_done)} already done, {len(self.quarantined)} quarantined, "
+            f"{len(self.failed)} failed; {self.rows} rows written, "
+            f"{self.skipped_events} events skipped, {self.seconds:.2f} s{errors}"
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "archived": len(self.archived),
+            "already_done": len(self.already_done),
+            "quarantined": self.quarantined,
+            "failed": self.failed,
+            "errors": self.errors,
+            "rows": self.rows,
+            "skipped_events": self.skipped_events,
+            "seconds": round(self.seconds, 3),
+        }
+
+
+# --------------------------------------------------------------------------------------
+# Pure helpers
+# --------------------------------------------------------------------------------------
+
+
+class NoCluster(Exception):
+    """Neither the metadata nor the station list names the station's cluster."""
+
+
+def station_from_key(key: str) -> int | None:
+    """``incoming/<station>/<md5>.pickle`` -> station number (None if not that shape)."""
+    parts = key.removeprefix(INCOMING).split("/")
+    if len(parts) == 2 and parts[0].isdigit():
+        return int(parts[0])
+    return None
+
+
+def object_origin(
+    key: str, metadata: dict[str, str], cluster_of: Callable[[int], str | None]
+) -> tuple[int, str]:
+    """(station, cluster) of an object: metadata first, then key and station list."""
+    station_text = metadata.get("station", "").strip()
+    station = int(station_text) if station_text.isdigit() else station_from_key(key)
+    if station is None:
+        raise NoCluster(f"no station number in the metadata or the key of {key}")
+    cluster = urllib.parse.unquote(metadata.get("cluster", "")).strip()
+    if not cluster:
+        cluster = cluster_of(station) or ""
+    if not cluster:
+        raise NoCluster(
+            f"station {station}: no cluster in the object metadata and none in the station list"
+        )
+    return station, cluster
+
+
+def received_time(metadata: dict[str, str], last_modified: dt.datetime) -> dt.datetime:
+    """The upload's receive time (metadata ``received``), else the object's LastModified."""
+    text = metadata.get("received", "").strip()
+    if text:
+        try:
+            when = dt.datetime.fromisoformat(text)
+        except ValueError:
+            try:
+                when = dt.datetime.fromtimestamp(float(text), dt.UTC)
+            except (ValueError, OverflowError, OSError):
+                when = None
+        if when is not None:
+            return when if when.tzinfo else when.replace(tzinfo=dt.UTC)
+    return last_modified
+
+
+def short_reason(exc: BaseException | str) -> str:
+    """An ASCII, single-line, bounded reason: S3 metadata travels in HTTP headers."""
+    text = exc if isinstance(exc, str) else f"{type(exc).__name__}: {exc}"
+    text = text.encode("ascii", "replace").decode("ascii")
+    text = "".join(c if 0x20 <= ord(c) < 0x7F else " " for c in text)
+    text = " ".join(text.split())
+    return text[:REASON_LENGTH] or "unknown"
+
+
+def chunked(
+    infos: Iterable[ObjectInfo], max_objects: int = CHUNK_OBJECTS, max_bytes: int = CHUNK_BYTES
+) -> Iterator[list[ObjectInfo]]:
+    """Consecutive chunks bounded by count and by body bytes."""
+    chunk: list[ObjectInfo] = []
+    size = 0
+    for info in infos:
+        if chunk and (len(chunk) >= max_objects or size + info.size > max_bytes):
+            yield chunk
+            chunk, size = [], 0
+        chunk.append(info)
+        size += info.size
+    if chunk:
+        yield chunk
+
+
+def station_windows(infos: Iterable[ObjectInfo], window: int = LIST_WINDOW) -> Iterator[
+    list[ObjectInfo]
+]:
+    """Cut a key-ordered listing into windows of >= ``window`` keys at station boundaries.
+
+    Keys are ``incoming/<station>/...``, so a listing in key order holds each station's
+    objects together; cutting only between stations keeps every station's objects in one
+    window, where sorting by LastModified puts them oldest first.  That is the order that
+    matters: event ids are per station table.
+    """
+    batch: list[ObjectInfo] = []
+    for info in infos:
+        if len(batch) >= window and _prefix(info.key) != _prefix(batch[-1].key):
+            yield batch
+            batch = []
+        batch.append(info)
+    if batch:
+        yield batch
+
+
+def _prefix(key: str) -> str:
+    return key.rsplit("/", 1)[0]
+
+
+def oldest_first(infos: list[ObjectInfo]) -> list[ObjectInfo]:
+    return sorted(infos, key=lambda info: (info.last_modified, info.key))
+
+
+# --------------------------------------------------------------------------------------
+# The shell: S3, files, retries
+# --------------------------------------------------------------------------------------
+
+
+def with_retry(action: Callable[[], T], what: str, retry: RetryPolicy) -> T:
+    """Run ``action``; on a transient error wait and try again, then re-raise."""
+    for attempt, delay in enumerate((*retry.delays, None), start=1):
+        try:
+            return action()
+        except (ObjectMissing, DayFileLocked):
+            raise  # not there: nothing to retry; locked: the lock wait was the retry
+        except TRANSIENT as exc:
+            if delay is None:
+                raise
+            log.warning("%s failed (attempt %d): %s; retrying in %.1f s",
+                        what, attempt, short_reason(exc), delay)
+            time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+_station_lists: dict[Path, StationList] = {}
+_station_lock = threading.Lock()
+
+
+def _cluster_lookup(settings: Settings) -> Callable[[int], str | None]:
+    """The station list as a cluster lookup, opened only when metadata is missing."""
+
+    def cluster_of(number: int) -> str | None:
+        with _station_lock:
+            stations = _station_lists.get(settings.station_list)
+            if stations is None:
+                stations = _station_lists[settings.station_list] = StationList(
+                    settings.station_list
+                )
+        station = stations.get(number)
+        return station.cluster if station else None
+
+    return cluster_of
+
+
+class ObjectStore:
+    """The bucket as the writer uses it: the hot path direct, the rest via boto3.
+
+    Listing, getting, archiving and deleting objects are the sweep's cost per object, so
+    they go through :class:`~.s3direct.DirectS3` when static credentials allow it; the
+    rare quarantine move stays on :class:`~.bucket.Bucket` (boto3), which also serves
+    everything when ``direct`` is None.
+    """
+
+    def __init__(self, bucket: Bucket, direct: DirectS3 | None = None) -> None:
+        self.bucket = bucket
+        self.direct = direct
+
+    def get(self, key: str) -> StoredObject:
+        return (self.direct or self.bucket).get(key)
+
+    def put(self, key: str, body: bytes, metadata: dict[str, str]) -> str:
+        return (self.direct or self.bucket).put(key, body, metadata)
+
+    def delete(self, key: str) -> None:
+        (self.direct or self.bucket).delete(key)
+
+    def delete_many(self, keys: Sequence[str]) -> list[str]:
+        if self.direct is not None:
+            return self.direct.delete_many(keys)
+        return boto_delete_many(self.bucket, keys)
+
+    def head(self, key: str) -> ObjectInfo | None:
+        return (self.direct or self.bucket).head(key)
+
+    def copy(self, source: str, target: str) -> None:
+        if self.direct is not None:
+            self.direct.copy(source, target)
+        else:
+            boto_copy(self.bucket, source, target)
+
+    def move(self, source: str, target: str, metadata: dict[str, str]) -> None:
+        self.bucket.move(source, target, metadata)
+
+    def list(self, prefix: str) -> Iterator[ObjectInfo]:
+        return (self.direct or self.bucket).list(prefix)
+
+
+_direct_clients: dict[tuple[int, str, str, str, str], DirectS3] = {}
+_direct_lock = threading.Lock()
+
+
+def object_store(bucket: Bucket, settings: Settings, direct: bool = True) -> ObjectStore:
+    """The writer's store for ``bucket``; direct S3 only for the configured bucket."""
+    if not direct or (bucket.name, bucket.endpoint) != (
+        settings.bucket_name, settings.bucket_endpoint
+    ):
+        return ObjectStore(bucket)
+    identity = (os.getpid(), settings.bucket_name, settings.bucket_endpoint,
+                settings.bucket_region, settings.aws_access_key_id or "")
+    with _direct_lock:
+        client = _direct_clients.get(identity)
+        if client is None:
+            client = DirectS3.from_settings(settings)
+            if client is None:
+                return ObjectStore(bucket)
+            _direct_clients[identity] = client
+    return ObjectStore(bucket, client)
+
+
+def _apply(function: Callable[[Any], T], items: Sequence[Any]) -> list[T]:
+    return [function(item) for item in items]
+
+
+class _Pending(Generic[T]):
+    """Results being computed on the S3 threads (or already computed)."""
+
+    def __init__(self, futures: list[Future[list[T]]] | None = None,
+                 values: list[T] | None = None) -> None:
+        self.futures = futures or []
+        self.values = values
+
+    def results(self) -> list[T]:
+        if self.values is None:
+            self.values = [value for future in self.futures for value in future.result()]
+        return self.values
+
+    def cancel(self) -> None:
+        for future in self.futures:
+            future.cancel()
+
+
+@dataclass
+class _Archiving:
+    """A chunk whose rows are written and whose archive copies are on their way."""
+
+    result: WriteResult
+    plans: list[_Plan]
+    outcomes: _Pending[str | None]  # per plan: None (archived) or why not
+
+
+@dataclass
+class _Plan:
+    """One fetched, decoded object waiting for its day files."""
+
+    stored: StoredObject
+    station: int
+    cluster: str
+    days: dict[dt.date, list[dict[str, Any]]]
+    pending_days: set[dt.date] = field(default_factory=set)
+    copy_archive: bool = False  # archive by server-side copy (the body was dropped)
+    error: str | None = None  # transient failure on one of its days
+    poison: str | None = None  # non-transient failure writing its rows
+
+
+class _Run:
+    """One call of process_keys or sweep: its settings, pool, retry policy and result."""
+
+    def __init__(
+        self,
+        store: ObjectStore,
+        settings: Settings,
+        retry: RetryPolicy,
+        pool: Executor | None,
+        lock_timeout: float,
+    ) -> None:
+        self.store = store
+        self.settings = settings
+        self.retry = retry
+        self.pool = pool
+        self.lock_timeout = lock_timeout
+        self.cluster_of = _cluster_lookup(settings)
+        self.deletes: list[Future[None]] = []  # background DeleteObjects of archived chunks
+        self.bucket_trouble = False  # a bucket error survived its retries in this run
+
+    def spawn(self, function: Callable[[Any], T], items: Sequence[Any]) -> _Pending[T]:
+        """``function`` over ``items`` on the S3 threads, a few slices per thread.
+
+        Slices, not one task per item: a Future costs tens of microseconds, which is a
+        noticeable share of a one-event object's budget.
+        """
+        if self.pool is None or len(items) <= 1:
+            return _Pending(values=[function(item) for item in items])
+        size = -(-len(items) // (2 * S3_THREADS))
+        return _Pending(futures=[
+            self.pool.submit(_apply, function, items[start:start + size])
+            for start in range(0, len(items), size)
+        ])
+
+    # -- fetching ----------------------------------------------------------------------
+
+    def fetch(self, key: str) -> StoredObject | ObjectMissing | Exception:
+        try:
+            return with_retry(lambda: self.store.get(key), f"get {key}", self.retry)
+        except ObjectMissing as exc:
+            return exc
+        except TRANSIENT as exc:
+            self.bucket_trouble = True
+            return exc
+
+    def size(self, key: str) -> ObjectInfo | ObjectMissing | Exception:
+        """HEAD: the object's size (and whether it is still there)."""
+        try:
+            info = with_retry(lambda: self.store.head(key), f"head {key}", self.retry)
+        except TRANSIENT as exc:
+            self.bucket_trouble = True
+            return exc
+        return ObjectMissing(key) if info is None else info
+
+    # -- one chunk ---------------------------------------------------------------------
+
+    def process(self, keys: Sequence[str], fetched: list[Any]) -> WriteResult:
+        """All stages of one chunk, in order."""
+        started = time.perf_counter()
+        result = self.finish(self.write(keys, fetched))
+        result.seconds = time.perf_counter() - started
+        return result
+
+    def write(self, keys: Sequence[str], fetched: list[Any]) -> _Archiving:
+        """Decode and append a fetched chunk, then start archiving what was written.
+
+        The archive copies are put in the background; :meth:`finish` waits for them, so
+        the sweep can write the next chunk meanwhile.
+        """
+        result = WriteResult()
+        plans = self._decode(keys, fetched, result)
+        self._write(plans, result)
+        done: list[_Plan] = []
+        for plan in plans:
+            key = plan.stored.key
+            if plan.poison is not None:
+                self._quarantine(plan.stored, plan.poison, result)
+            elif plan.error is not None or plan.pending_days:
+                result.failed[key] = plan.error or "not every day file was written"
+            else:
+                done.append(plan)
+        return _Archiving(result, done, self.spawn(self._copy_to_archive, done))
+
+    def finish(self, archiving: _Archiving) -> WriteResult:
+        """Wait for the archive copies, then drop the archived objects from incoming/."""
+        result = archiving.result
+        archived: list[str] = []
+        for plan, error in zip(archiving.plans, archiving.outcomes.results(), strict=True):
+            if error is None:
+                archived.append(plan.stored.key)
+            else:
+                result.failed[plan.stored.key] = error
+        if len(archived) > 1 and self.pool is not None:
+            self.deletes.append(self.pool.submit(self._delete_incoming, archived))
+        elif archived:
+            self._delete_incoming(archived)
+        result.archived += archived
+        return result
+
+    def drain(self) -> None:
+        """Wait for the background deletions from incoming/."""
+        for future in self.deletes:
+            future.result()
+        self.deletes.clear()
+
+    def _decode(
+        self, keys: Sequence[str], fetched: list[Any], result: WriteResult
+    ) -> list[_Plan]:
+        """Decode and split each fetched object; quarantine what cannot be read.
+
+        Besides :class:`PayloadError`, any other exception from decoding or splitting is
+        a quarantine too (logged with its traceback): one object that trips a bug must
+        not stop every later sweep at the same place.
+        """
+        plans: list[_Plan] = []
+        for index, key in enumerate(keys):
+            # Take each object out of the list, so a large body can be freed once it is
+            # decoded (see ARCHIVE_PUT_BYTES) instead of living until the chunk is done.
+            item, fetched[index] = fetched[index], None
+            if isinstance(item, ObjectMissing):
+                log.debug("%s is no longer in incoming/: already processed", key)
+                result.already_done.append(key)
+                continue
+            if isinstance(item, Exception):
+                result.failed[key] = short_reason(item)
+                continue
+            stored: StoredObject = item
+            try:
+                events = decode_batch(stored.body)
+                days, skipped = split_by_day(events, self.settings.minimum_year, context=key)
+            except PayloadError as exc:
+                self._quarantine(stored, f"undecodable: {exc}", result)
+                continue
+            except Exception as exc:
+                log.exception("%s: decoding failed unexpectedly", key)
+                self._quarantine(stored, f"decoder error: {short_reason(exc)}", result)
+                continue
+            try:
+                station, cluster = object_origin(key, stored.metadata, self.cluster_of)
+            except NoCluster as exc:
+                log.error("%s: %s; left in incoming/", key, exc)
+                result.failed[key] = short_reason(str(exc))
+                continue
+            if skipped.total:
+                result.skipped_events += skipped.total
+                log.info("%s: %d of %d events skipped (%s)", key, skipped.total, len(events),
+                         _counts(skipped))
+            copy_archive = len(stored.body) > ARCHIVE_PUT_BYTES
+            if copy_archive:
+                stored = item = dataclasses.replace(stored, body=b"")
+            plans.append(_Plan(stored, station, cluster, days, set(days), copy_archive))
+            del events
+        return plans
+
+    def _write(self, plans: list[_Plan], result: WriteResult) -> None:
+        by_day: dict[dt.date, list[_Plan]] = {}
+        for plan in plans:
+            for day in plan.days:
+                by_day.setdefault(day, []).append(plan)
+        for day in sorted(by_day):
+            self._write_day(day, by_day[day], result)
+        for plan in plans:
+            plan.days = {}  # the events are in the files (or will be retried): let them go
+
+    def _part(self, plan: _Plan, day: dt.date) -> BatchPart:
+        return BatchPart(
+            key=plan.stored.key,
+            etag=plan.stored.etag,
+            station=plan.station,
+            cluster=plan.cluster,
+            events=plan.days[day],
+        )
+
+    def _append(self, day: dt.date, parts: list[BatchPart]) -> AppendReport:
+        path = day_file_path(self.settings.data_dir, day)
+
+        def append() -> AppendReport:
+            with DayFile(path, lock_timeout=self.lock_timeout) as day_file:
+                return day_file.append(parts)
+
+        return with_retry(append, f"append {len(parts)} objects to {path}", self.retry)
+
+    def _write_day(self, day: dt.date, plans: list[_Plan], result: WriteResult) -> None:
+        live = [plan for plan in plans if plan.error is None and plan.poison is None]
+        if not live:
+            return
+        try:
+            report = self._append(day, [self._part(plan, day) for plan in live])
+        except (*TRANSIENT, DayFileError) as exc:
+            # Not the objects' fault (bucket, volume, lock, or a day file that needs an
+            # operator): they stay in incoming/ for the next attempt.
+            reason = short_reason(exc)
+            log.error("day %s: %s; %d objects stay in incoming/", day, reason, len(live))
+            for plan in live:
+                plan.error = reason
+            return
+        except Exception as exc:
+            if len(live) == 1:
+                log.exception("%s: its rows for %s cannot be written", live[0].stored.key, day)
+                live[0].poison = f"write failed: {short_reason(exc)}"
+                return
+            # Something in one object's rows cannot be written: find it, keep the rest.
+            log.exception("day %s: appending %d objects failed; retrying one by one",
+                          day, len(live))
+            for plan in live:
+                self._write_day(day, [plan], result)
+            return
+        result.rows += sum(report.rows.values())
+        if report.skipped_events.total:
+            result.skipped_events += report.skipped_events.total
+            log.info("day %s: %d events skipped while building rows (%s)", day,
+                     report.skipped_events.total, _counts(report.skipped_events))
+        for plan in live:
+            plan.pending_days.discard(day)
+
+    def _copy_to_archive(self, plan: _Plan) -> str | None:
+        """Put the archive copy (the bytes we hold, verified by Content-MD5)."""
+        stored = plan.stored
+        target = archive_key(stored.key, received_time(stored.metadata, stored.last_modified))
+        try:
+            if plan.copy_archive:
+                with_retry(lambda: self.store.copy(stored.key, target),
+                           f"archive {stored.key}", self.retry)
+            else:
+                with_retry(lambda: self.store.put(target, stored.body, stored.metadata),
+                           f"archive {stored.key}", self.retry)
+        except ObjectMissing:
+            log.debug("%s: gone from incoming/, archived by another writer", stored.key)
+        except TRANSIENT as exc:
+            self.bucket_trouble = True
+            return short_reason(exc)
+        return None
+
+    def _delete_incoming(self, keys: list[str]) -> None:
+        """Remove archived objects from incoming/; a leftover is harmless (ledger)."""
+        if len(keys) == 1:
+            try:
+                with_retry(lambda: self.store.delete(keys[0]), f"delete {keys[0]}", self.retry)
+            except TRANSIENT as exc:
+                log.warning("%s archived but not deleted from incoming/ (%s); the next "
+                            "sweep finishes it", keys[0], short_reason(exc))
+            return
+        for start in range(0, len(keys), 1000):
+            batch = keys[start:start + 1000]
+            try:
+                leftovers = with_retry(
+                    lambda batch=batch: self.store.delete_many(batch),
+                    f"delete {len(batch)} objects",
+                    self.retry,
+                )
+            except TRANSIENT as exc:
+                leftovers = batch
+                log.warning("%d objects archived but not deleted from incoming/ (%s)",
+                            len(batch), short_reason(exc))
+            for key in leftovers:
+                log.warning("%s archived but still in incoming/; the next sweep finishes it",
+                            key)
+
+    def _quarantine(self, stored: StoredObject, reason: str, result: WriteResult) -> None:
+        reason = short_reason(reason)
+        metadata = {**stored.metadata, "failure-reason": reason,
+                    "failed-at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")}
+        target = failed_key(stored.key)
+        try:
+            with_retry(lambda: self.store.move(stored.key, target, metadata),
+                       f"quarantine {stored.key}", self.retry)
+        except ObjectMissing:
+            result.already_done.append(stored.key)  # another writer quarantined it
+            return
+        except TRANSIENT as exc:
+            self.bucket_trouble = True
+            result.failed[stored.key] = f"cannot move to failed/: {short_reason(exc)}"
+            return
+        log.warning("%s quarantined as %s: %s", stored.key, target, reason)
+        result.quarantined[stored.key] = reason
+
+
+def boto_delete_many(bucket: Bucket, keys: Sequence[str]) -> list[str]:
+    """Delete up to 1000 keys in one request; returns the keys the server did not delete.
+
+    One DeleteObjects request instead of one DELETE per object: the sweep of thousands of
+    one-event objects is bound by S3 requests per object.
+    """
+    import botocore.exceptions
+
+    try:
+        answer = bucket.client.delete_objects(
+            Bucket=bucket.name,
+            Delete={"Objects": [{"Key": key} for key in keys], "Quiet": True},
+        )
+    except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
+        raise BucketError(f"delete {len(keys)} objects: {exc}") from exc
+    return [str(error.get("Key", "")) for error in answer.get("Errors", [])]
+
+
+def boto_copy(bucket: Bucket, source: str, target: str) -> None:
+    """Server-side copy keeping the metadata (Bucket.move also deletes the source)."""
+    import botocore.exceptions
+
+    try:
+        bucket.client.copy_object(
+            Bucket=bucket.name, Key=target, CopySource={"Bucket": bucket.name, "Key": source}
+        )
+    except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
+        code = ""
+        if isinstance(exc, botocore.exceptions.ClientError):
+            code = str(exc.response.get("Error", {}).get("Code", ""))
+        if code in {"NoSuchKey", "404", "NotFound"}:
+            raise ObjectMissing(source) from exc
+        raise BucketError(f"copy {source} -> {target}: {exc}") from exc
+
+
+def _counts(report: SkipReport) -> str:
+    return ", ".join(f"{reason}: {count}" for reason, count in sorted(report.counts.items()))
+
+
+# --------------------------------------------------------------------------------------
+# Entry points
+# --------------------------------------------------------------------------------------
+
+
+def _unique_incoming(keys: Iterable[str]) -> list[str]:
+    seen: dict[str, None] = {}
+    for key in keys:
+        if key.startswith(INCOMING):
+            seen.setdefault(key, None)
+    return list(seen)
+
+
+def _pipeline(
+    run: _Run, chunks: Iterable[list[ObjectInfo]], should_stop: Callable[[], bool]
+) -> WriteResult:
+    """Process ``chunks`` in order; returns early on ``should_stop()`` or bucket trouble.
+
+    Chunks of small objects run as a three-stage pipeline: while chunk n is decoded and
+    written, chunk n+1 is fetched and chunk n-1's archive copies are put, all by the S3
+    threads.  A chunk holding a large object (a full batch) runs on its own, with nothing
+    else in flight, so memory stays near one decoded batch.
+    """
+    result = WriteResult()
+    fetched: tuple[list[str], _Pending[Any]] | None = None
+    archiving: _Archiving | None = None
+
+    def advance(next_fetch: tuple[list[str], _Pending[Any]] | None) -> None:
+        """Write what was fetched, finish the chunk before it, queue ``next_fetch``."""
+        nonlocal fetched, archiving
+        written = run.write(fetched[0], fetched[1].results()) if fetched else None
+        if archiving is not None:
+            result.merge(run.finish(archiving))
+        archiving, fetched = written, next_fetch
+
+    def stopping() -> bool:
+        return should_stop() or run.bucket_trouble
+
+    try:
+        for chunk in chunks:
+            keys = [info.key for info in chunk]
+            if max(info.size for info in chunk) > ARCHIVE_PUT_BYTES:
+                advance(None)
+                advance(None)  # the pipeline is empty now
+                result.merge(run.process(keys, run.spawn(run.fetch, keys).results()))
+            else:
+                arriving = run.spawn(run.fetch, keys)
+                if fetched is None:
+                    fetched = (keys, arriving)
+                    continue
+                advance((keys, arriving))
+            if stopping():
+                if fetched is not None:
+                    fetched[1].cancel()
+                    fetched = None
+                break
+    except TRANSIENT as exc:  # listing failed; what was fetched is still written below
+        result.errors.append(f"listing incoming/: {short_reason(exc)}")
+        run.bucket_trouble = True
+    advance(None)
+    advance(None)
+    run.drain()
+    return result
+
+
+def _never() -> bool:
+    return False
+
+
+def process_keys(
+    keys: Iterable[str],
+    bucket: Bucket,
+    settings: Settings,
+    *,
+    retry: RetryPolicy = DEFAULT_RETRY,
+    lock_timeout: float = LOCK_TIMEOUT,
+    direct: bool = True,
+) -> WriteResult:
+    """Write the notified objects (duplicates and keys outside incoming/ dropped).
+
+    One key (every MinIO webhook call) is fetched and written directly.  Several keys
+    are first sized with HEAD requests, so they can be chunked by bytes like the sweep
+    does.  ``direct=False`` keeps every request on boto3 (see :class:`ObjectStore`).
+    """
+    started = time.perf_counter()
+    wanted = _unique_incoming(keys)
+    if not wanted:
+        return WriteResult()
+    with ThreadPoolExecutor(S3_THREADS, thread_name_prefix="writer-s3") as pool:
+        store = object_store(bucket, settings, direct)
+        if len(wanted) == 1:
+            run = _Run(store, settings, retry, None, lock_timeout)
+            return run.process(wanted, [run.fetch(wanted[0])])
+        run = _Run(store, settings, retry, pool, lock_timeout)
+        sized = run.spawn(run.size, wanted).results()
+        result = WriteResult()
+        infos: list[ObjectInfo] = []
+        for key, info in zip(wanted, sized, strict=True):
+            if isinstance(info, ObjectInfo):
+                infos.append(info)
+            elif isinstance(info, ObjectMissing):
+                result.already_done.append(key)
+            else:
+                result.failed[key] = short_reason(info)
+        result.merge(_pipeline(run, chunked(infos), _never))
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+def sweep(
+    bucket: Bucket,
+    settings: Settings,
+    limit: int | None = None,
+    *,
+    retry: RetryPolicy = DEFAULT_RETRY,
+    lock_timeout: float = LOCK_TIMEOUT,
+    should_stop: Callable[[], bool] = _never,
+    direct: bool = True,
+) -> WriteResult:
+    """Process everything under ``incoming/``, oldest first, in bounded chunks.
+
+    The listing is read page by page and cut into windows at station boundaries (see
+    :func:`station_windows`); each window is sorted by (LastModified, key) and processed
+    in chunks (see :func:`_pipeline`).  Stops early, leaving the rest for the next round,
+    after ``limit`` objects, when ``should_stop()`` says so (checked between chunks), or
+    when the bucket keeps failing.
+    """
+    started = time.perf_counter()
+    remaining = limit
+    with ThreadPoolExecutor(S3_THREADS, thread_name_prefix="writer-s3") as pool:
+        store = object_store(bucket, settings, direct)
+        run = _Run(store, settings, retry, pool, lock_timeout)
+
+        def chunks() -> Iterator[list[ObjectInfo]]:
+            nonlocal remaining
+            for window in station_windows(store.list(INCOMING)):
+                for chunk in chunked(oldest_first(window)):
+                    if remaining is not None:
+                        chunk = chunk[:remaining]
+                        remaining -= len(chunk)
+                    if chunk:
+                        yield chunk
+                    if remaining is not None and remaining <= 0:
+                        return
+
+        result = _pipeline(run, chunks(), should_stop)
+    if run.bucket_trouble:
+        log.error("sweep stopped early: the bucket keeps failing")
+    result.seconds = time.perf_counter() - started
+    return result

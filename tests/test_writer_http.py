@@ -1,0 +1,353 @@
+"""The writer function through real HTTP: functions-framework serving functions/writer/main.py.
+
+One server process (with a notification token) serves the module against the session's
+real SeaweedFS, as a deployment would; a short-lived second process checks that a
+configuration error stops start-up.  Notification bodies are the senders' documented
+shapes (see ``notification_bodies``), sent with ``requests``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import requests
+import tables
+
+from hisparc_datastore import samples
+from hisparc_datastore.bucket import Bucket, archive_key, failed_key, incoming_key
+from hisparc_datastore.daystore import day_file_path
+from hisparc_datastore.notifications import PING_TYPE, SWEEP_TYPE
+from hisparc_datastore.py2pickle import dumps_py2
+from hisparc_datastore.s3server import free_port
+from hisparc_datastore.stations import Station
+from hisparc_datastore.upload import metadata_for
+
+try:  # tests/ as a package, or tests/ on sys.path
+    from .conftest import S3Endpoint, write_station_list
+    from .notification_bodies import (
+        aws_body,
+        ceph_body,
+        cloudevent_binary,
+        cloudevent_structured,
+        minio_body,
+        s3_test_event,
+    )
+except ImportError:
+    from conftest import S3Endpoint, write_station_list  # type: ignore[no-redef]
+    from notification_bodies import (  # type: ignore[no-redef]
+        aws_body,
+        ceph_body,
+        cloudevent_binary,
+        cloudevent_structured,
+        minio_body,
+        s3_test_event,
+    )
+
+ROOT = Path(__file__).resolve().parents[1]
+SOURCE = ROOT / "functions" / "writer" / "main.py"
+FUNCTIONS_FRAMEWORK = str(Path(sys.executable).with_name("functions-framework"))
+TOKEN = "writer-token-" + uuid.uuid4().hex
+RECEIVED = dt.datetime(2024, 11, 5, 10, tzinfo=dt.UTC)
+JSON = {"Content-Type": "application/json"}
+
+
+@dataclass
+class Server:
+    url: str
+    process: subprocess.Popen[bytes]
+    log_path: Path
+    bucket: Bucket
+    data_dir: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text(encoding="utf-8", errors="replace")
+
+    def post(self, body: bytes, headers: dict[str, str] | None = None,
+             auth: str | None = f"Bearer {TOKEN}") -> requests.Response:
+        all_headers = dict(JSON if headers is None else headers)
+        if auth is not None:
+            all_headers["Authorization"] = auth
+        return requests.post(self.url, data=body, headers=all_headers, timeout=120)
+
+
+def write_config(directory: Path, endpoint: S3Endpoint, bucket_name: str) -> Path:
+    station_list = write_station_list(directory / "stations.csv")
+    (directory / "data").mkdir()
+    config = directory / "config.ini"
+    config.write_text(textwrap.dedent(f"""\
+        [General]
+        log =
+        loglevel = debug
+        station_list = {station_list}
+        data_dir = {directory / "data"}
+        minimum_year = 2020
+
+        [Writer]
+        sleep = 1
+
+        [Bucket]
+        endpoint = {endpoint.url}
+        name = {bucket_name}
+        """))
+    return config
+
+
+def environment(config: Path, endpoint: S3Endpoint, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DATASTORE_", "AWS_"))}
+    env.update(DATASTORE_CONFIG=str(config), AWS_ACCESS_KEY_ID=endpoint.access_key,
+               AWS_SECRET_ACCESS_KEY=endpoint.secret_key, **extra)
+    return env
+
+
+def stop(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(30)
+
+
+@pytest.fixture(scope="module")
+def server(s3_endpoint: S3Endpoint, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    directory = tmp_path_factory.mktemp("writer-http")
+    bucket_name = f"writer-http-{uuid.uuid4().hex[:10]}"
+    config = write_config(directory, s3_endpoint, bucket_name)
+    bucket = Bucket(bucket_name, endpoint=s3_endpoint.url, access_key=s3_endpoint.access_key,
+                    secret_key=s3_endpoint.secret_key)
+    bucket.ensure_exists()
+    port = free_port()
+    log_path = directory / "writer.log"
+    with log_path.open("ab") as log:
+        process = subprocess.Popen(
+            [FUNCTIONS_FRAMEWORK, "--source", str(SOURCE), "--target", "writer",
+             "--host", "127.0.0.1", "--port", str(port)],
+            env=environment(config, s3_endpoint, DATASTORE_WRITER_AUTH_TOKEN=TOKEN),
+            cwd=ROOT, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
+        )
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        deadline = time.monotonic() + 120  # a hang guard, not a timing assertion
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"writer exited: {log_path.read_text()}")
+            try:
+                if requests.get(url, timeout=5).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+        yield Server(url, process, log_path, bucket, directory / "data")
+    finally:
+        stop(process)
+
+
+_seeds = iter(range(1000, 10_000))
+
+
+def put_batch(server: Server, day: dt.date, n: int = 4, station: int = 501,
+              body: bytes | None = None) -> tuple[str, list[dict]]:
+    rng = random.Random(next(_seeds))
+    start = dt.datetime.combine(day, dt.time(8)) + dt.timedelta(seconds=rng.randrange(3600))
+    events = samples.batch(n, start, rng, kinds=("CIC", "SIN"))
+    data = dumps_py2(events) if body is None else body
+    key = incoming_key(station, hashlib.md5(data).hexdigest())  # noqa: S324
+    cluster = {501: "Amsterdam", 7001: "Leiden"}[station]
+    server.bucket.put(key, data, metadata_for(Station(station, cluster, "x"), n, RECEIVED))
+    return key, events
+
+
+def rows_of(server: Server, day: dt.date, station_path: str, table: str) -> int:
+    path = day_file_path(server.data_dir, day)
+    if not path.exists():
+        return 0
+    with tables.open_file(path, "r") as h5:
+        node = h5.get_node(f"{station_path}/{table}") if f"{station_path}/{table}" in h5 else None
+        return 0 if node is None else node.nrows
+
+
+def in_incoming(server: Server, key: str) -> bool:
+    return server.bucket.head(key) is not None
+
+
+# --- authentication and plain HTTP ------------------------------------------------------
+
+
+def test_get_and_head_answer_without_a_token(server: Server) -> None:
+    assert requests.get(server.url, timeout=30).status_code == 200
+    assert requests.head(server.url + "any/path", timeout=30).status_code == 200  # MinIO probe
+
+
+@pytest.mark.parametrize("auth", [None, "Bearer wrong", "wrong", f"Basic {TOKEN}", "Bearer",
+                                  f"Bearer {TOKEN}x", f"{TOKEN[:-1]}"])
+def test_requests_without_the_token_are_refused(server: Server, auth: str | None) -> None:
+    day = dt.date(2024, 11, 1)
+    key, _ = put_batch(server, day)
+    answer = server.post(aws_body(server.bucket.name, [key]), auth=auth)
+    assert answer.status_code == 401
+    assert answer.headers["WWW-Authenticate"] == "Bearer"
+    assert in_incoming(server, key)  # nothing was done
+
+
+@pytest.mark.parametrize("auth", [f"Bearer {TOKEN}", f"bearer {TOKEN}", TOKEN, f"Bearer  {TOKEN}"],
+                         ids=["bearer", "lower-case", "bare (MinIO)", "spaces"])
+def test_bearer_or_bare_token_is_accepted(server: Server, auth: str) -> None:
+    key, _ = put_batch(server, dt.date(2024, 11, 2))
+    answer = server.post(minio_body(server.bucket.name, [key]), auth=auth)
+    assert answer.status_code == 200, answer.text
+    assert not in_incoming(server, key)
+
+
+def test_other_methods_and_oversized_bodies(server: Server) -> None:
+    assert requests.put(server.url, data=b"{}", timeout=30,
+                        headers={"Authorization": f"Bearer {TOKEN}"}).status_code == 405
+    huge = b" " * (5 * 1024 * 1024)
+    assert server.post(huge).status_code == 413
+
+
+# --- every notification shape -----------------------------------------------------------
+
+
+def _minio(bucket: str, key: str) -> tuple[dict[str, str], bytes]:
+    return JSON, minio_body(bucket, [key])
+
+
+def _aws(bucket: str, key: str) -> tuple[dict[str, str], bytes]:
+    return JSON, aws_body(bucket, [key])
+
+
+def _ceph(bucket: str, key: str) -> tuple[dict[str, str], bytes]:
+    return JSON, ceph_body(bucket, [key])
+
+
+def _ce_binary(bucket: str, key: str) -> tuple[dict[str, str], bytes]:
+    return cloudevent_binary(aws_body(bucket, [key]), "com.amazonaws.s3.ObjectCreated")
+
+
+def _ce_structured(bucket: str, key: str) -> tuple[dict[str, str], bytes]:
+    return cloudevent_structured(minio_body(bucket, [key]), "io.min.s3.ObjectCreated")
+
+
+def _ce_base64(bucket: str, key: str) -> tuple[dict[str, str], bytes]:
+    return cloudevent_structured(ceph_body(bucket, [key]), "ceph.s3.ObjectCreated", True)
+
+
+@pytest.mark.parametrize(
+    "shape", [_minio, _aws, _ceph, _ce_binary, _ce_structured, _ce_base64],
+    ids=["minio", "aws", "ceph", "cloudevent-binary", "cloudevent-structured",
+         "cloudevent-base64"],
+)
+def test_each_notification_shape_gets_the_object_written(server: Server, shape) -> None:
+    day = dt.date(2024, 11, 3)
+    key, events = put_batch(server, day, station=7001)
+    before = rows_of(server, day, "/hisparc/cluster_leiden/station_7001", "events")
+    headers, body = shape(server.bucket.name, key)
+
+    answer = server.post(body, headers)
+
+    assert answer.status_code == 200, answer.text
+    document = answer.json()
+    assert document["keys"] == 1 and document["archived"] == 1 and document["failed"] == {}
+    assert not in_incoming(server, key)
+    assert server.bucket.head(archive_key(key, RECEIVED)) is not None
+    cic = sum(1 for e in events if e["header"]["eventtype_uploadcode"] == "CIC")
+    assert rows_of(server, day, "/hisparc/cluster_leiden/station_7001", "events") == before + cic
+
+    again = server.post(body, headers)  # a duplicate delivery
+    assert again.status_code == 200 and again.json()["already_done"] == 1
+    assert rows_of(server, day, "/hisparc/cluster_leiden/station_7001", "events") == before + cic
+
+
+def test_nothing_to_do_is_success(server: Server) -> None:
+    key, _ = put_batch(server, dt.date(2024, 11, 4))
+    name = server.bucket.name
+    for body in (s3_test_event(name), aws_body(name, [key], event_name="ObjectRemoved:Delete"),
+                 minio_body(name, ["archive/2024/11/04/501/x.pickle"]),
+                 aws_body("someone-elses-bucket", [key])):
+        answer = server.post(body)
+        assert answer.status_code == 200, answer.text
+        assert answer.json() == {"keys": 0}
+    assert in_incoming(server, key)
+    assert "bucket is not" in server.log()  # the other bucket is logged
+
+
+@pytest.mark.parametrize("body", [b"", b"garbage", b'{"hello": "world"}', b"[]"])
+def test_garbage_is_400(server: Server, body: bytes) -> None:
+    answer = server.post(body)
+    assert answer.status_code == 400 and "error" in answer.json()
+
+
+def test_undecodable_object_is_quarantined_once(server: Server) -> None:
+    key, _ = put_batch(server, dt.date(2024, 11, 6), body=b"cos\nsystem\n(S'id'\ntR.")
+    first = server.post(aws_body(server.bucket.name, [key]))
+    assert first.status_code == 200 and list(first.json()["quarantined"]) == [key]
+    second = server.post(aws_body(server.bucket.name, [key]))
+    assert second.status_code == 200 and second.json()["already_done"] == 1
+    assert "failure-reason" in server.bucket.get(failed_key(key)).metadata
+
+
+def test_transient_failure_is_503_and_a_retry_succeeds(server: Server) -> None:
+    day = dt.date(2031, 1, 7)
+    key, _ = put_batch(server, day)
+    blocker = server.data_dir / "2031"
+    blocker.write_text("the volume refuses")
+    try:
+        answer = server.post(aws_body(server.bucket.name, [key]))
+        assert answer.status_code == 503
+        assert list(answer.json()["failed"]) == [key]
+        assert in_incoming(server, key)
+    finally:
+        blocker.unlink()
+    retried = server.post(aws_body(server.bucket.name, [key]))
+    assert retried.status_code == 200 and retried.json()["archived"] == 1
+
+
+def test_sweep_requests(server: Server) -> None:
+    day = dt.date(2024, 11, 8)
+    first = [put_batch(server, day)[0] for _ in range(3)]
+    headers, body = cloudevent_binary(None, SWEEP_TYPE)
+    answer = server.post(body, headers)
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["sweep"]["archived"] >= 3
+    assert not any(in_incoming(server, key) for key in first)
+
+    second = [put_batch(server, day)[0] for _ in range(2)]
+    headers, body = cloudevent_structured(json.dumps({"action": "sweep"}).encode(), PING_TYPE)
+    answer = server.post(body, headers)
+    assert answer.status_code == 200, answer.text
+    assert not any(in_incoming(server, key) for key in second)
+    assert list(server.bucket.list("incoming/")) == [] or answer.json()["sweep"]["failed"] == {}
+
+
+def test_one_log_line_per_request(server: Server) -> None:
+    marker = uuid.uuid4().hex
+    server.post(b'{"Records": []}', {"Content-Type": "application/json", "X-Marker": marker})
+    lines = [line for line in server.log().splitlines() if "hisparc_datastore.writer.http" in line]
+    assert lines and "POST 200" in lines[-1]
+
+
+def test_configuration_error_stops_start_up(s3_endpoint: S3Endpoint, tmp_path: Path) -> None:
+    env = environment(tmp_path / "missing.ini", s3_endpoint)
+    done = subprocess.run(
+        [FUNCTIONS_FRAMEWORK, "--source", str(SOURCE), "--target", "writer",
+         "--host", "127.0.0.1", "--port", str(free_port())],
+        env=env, cwd=ROOT, capture_output=True, text=True, timeout=120, check=False,
+    )
+    assert done.returncode != 0
+    assert "configuration error" in done.stderr + done.stdout
