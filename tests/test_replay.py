@@ -1,0 +1,244 @@
+"""Replay from the archive against the real S3 server, compared through PyTables.
+
+Batches of all 14 event types over two event days are uploaded the way the upload
+function stores them and written by the live writer (one sweep); replay rebuilds the
+same days from archive/ into another directory and ``--verify`` must find them identical.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import pickle
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+import pytest
+import tables
+
+from hisparc_datastore import samples
+from hisparc_datastore.bucket import Bucket, incoming_key
+from hisparc_datastore.cli import main
+from hisparc_datastore.config import Settings
+from hisparc_datastore.daystore import day_file_path
+from hisparc_datastore.py2pickle import dumps_py2
+from hisparc_datastore.replay import (
+    archive_days,
+    compare_files,
+    ledger_key,
+    print_comparisons,
+    replay,
+    verify,
+)
+from hisparc_datastore.stations import Station
+from hisparc_datastore.upload import metadata_for
+from hisparc_datastore.writer import process_keys
+
+DAY1 = dt.date(2024, 3, 1)
+DAY2 = dt.date(2024, 3, 2)
+ALL_TYPES = ("CIC", "ERR", "CFG", "CMP", "SIN", "SAT", "WTR", "WER", "WCG", "LIT", "LER",
+             "LCG", "LST", "LNS")
+
+
+def put_batch(bucket: Bucket, events: list[dict[str, Any]], station: int, cluster: str,
+              received: dt.datetime, flavour: str) -> str:
+    body = dumps_py2(events) if flavour == "py2" else pickle.dumps(
+        samples.numpy_flavour(events), protocol=4
+    )
+    key = incoming_key(station, hashlib.md5(body).hexdigest())  # noqa: S324
+    bucket.put(key, body, metadata_for(Station(station, cluster, "x"), len(events), received))
+    return key
+
+
+def upload_two_days(bucket: Bucket, settings: Settings) -> None:
+    """Batches of every type on both days, one crossing midnight, one uploaded late.
+
+    Each object is written as soon as it is stored, as a notification would have it: the
+    live files hold the objects in arrival order, which is the order replay rebuilds.
+    """
+    rng = random.Random(7)
+    plan = [
+        (501, "Amsterdam", dt.datetime(2024, 3, 1, 5, 0), "py2"),
+        (502, "Amsterdam", dt.datetime(2024, 3, 1, 9, 0), "py3"),
+        (501, "Amsterdam", dt.datetime(2024, 3, 1, 23, 59, 50), "py3"),  # crosses midnight
+        (7001, "Leiden", dt.datetime(2024, 3, 2, 1, 0), "py2"),
+        (501, "Amsterdam", dt.datetime(2024, 3, 2, 12, 0), "py2"),
+    ]
+    uploads: list[tuple[dt.datetime, int, str, list[dict[str, Any]], str]] = []
+    for station, cluster, start, flavour in plan:
+        events = samples.batch(len(ALL_TYPES), start, rng, kinds=ALL_TYPES,
+                               interval=dt.timedelta(seconds=1))
+        received = start.replace(tzinfo=dt.UTC) + dt.timedelta(minutes=5)
+        uploads.append((received, station, cluster, events, flavour))
+    # A station back from an outage: day-1 events uploaded three days later.
+    late = samples.batch(6, dt.datetime(2024, 3, 1, 15, 0), rng, kinds=("CIC", "SIN"))
+    uploads.append((dt.datetime(2024, 3, 4, 8, 0, tzinfo=dt.UTC), 502, "Amsterdam", late, "py2"))
+    # Outside the range: must not appear.
+    other = samples.batch(3, dt.datetime(2024, 3, 5, 1, 0), rng)
+    uploads.append((dt.datetime(2024, 3, 5, 2, 0, tzinfo=dt.UTC), 501, "Amsterdam", other, "py2"))
+    for received, station, cluster, events, flavour in sorted(uploads, key=lambda u: u[0]):
+        key = put_batch(bucket, events, station, cluster, received, flavour)
+        result = process_keys([key], bucket, settings, direct=False)
+        assert result.archived == [key], result.summary()
+
+
+@pytest.fixture
+def live(bucket: Bucket, settings: Settings) -> Settings:
+    upload_two_days(bucket, settings)
+    return settings
+
+
+def table_rows(path: Path) -> dict[str, int]:
+    with tables.open_file(path, "r") as h5:
+        return {n._v_pathname: n.nrows for n in h5.walk_nodes("/hisparc", classname="Table")}
+
+
+def test_keys_and_days() -> None:
+    assert ledger_key("archive/2024/03/04/501/ab.pickle") == "incoming/501/ab.pickle"
+    assert ledger_key("incoming/501/ab.pickle") == "incoming/501/ab.pickle"
+    days = archive_days(DAY1, DAY2, 2)
+    assert days[0] == dt.date(2024, 2, 29) and days[-1] == dt.date(2024, 3, 4)
+
+
+def test_replay_equals_live(bucket: Bucket, live: Settings, tmp_path: Path) -> None:
+    out = tmp_path / "replay"
+    report = replay(bucket, live, DAY1, DAY2, out, late_days=2)
+    assert not report.problems
+    assert report.files == [day_file_path(out, DAY1), day_file_path(out, DAY2)]
+    live_rows = {day: table_rows(day_file_path(live.data_dir, day)) for day in (DAY1, DAY2)}
+    assert live_rows == {day: table_rows(day_file_path(out, day)) for day in (DAY1, DAY2)}
+    assert sum(map(len, live_rows.values())) > 14  # every type, several stations
+    comparisons = verify(live.data_dir, out, DAY1, DAY2, strict_order=True)
+    assert [c.differences for c in comparisons] == [[], []]
+    assert not day_file_path(out, dt.date(2024, 3, 5)).exists()
+
+
+def test_late_days_too_short_misses_late_upload(bucket: Bucket, live: Settings,
+                                               tmp_path: Path) -> None:
+    out = tmp_path / "replay"
+    replay(bucket, live, DAY1, DAY1, out, late_days=1, include_incoming=False)
+    (comparison,) = verify(live.data_dir, out, DAY1, DAY1)
+    assert any("rows live" in line for line in comparison.differences)
+    assert any("written live, not replayed" in line for line in comparison.differences)
+
+
+def test_replay_twice_is_identical(bucket: Bucket, live: Settings, tmp_path: Path) -> None:
+    first, second = tmp_path / "one", tmp_path / "two"
+    replay(bucket, live, DAY1, DAY2, first, late_days=2)
+    replay(bucket, live, DAY1, DAY2, second, late_days=2)
+    for day in (DAY1, DAY2):
+        comparison = compare_files(day_file_path(first, day), day_file_path(second, day), day,
+                                   strict_order=True)
+        assert comparison.differences == [] and comparison.notes == []
+
+
+def test_verify_reports_missing_file_and_extra_row(bucket: Bucket, live: Settings,
+                                                   tmp_path: Path) -> None:
+    out = tmp_path / "replay"
+    replay(bucket, live, DAY1, DAY2, out, late_days=2)
+    day1 = day_file_path(live.data_dir, DAY1)
+    # An extra row in a live table, as a duplicated batch would leave.
+    with h5py.File(day1, "r+") as h5:
+        table = h5["/hisparc/cluster_amsterdam/station_501/singles"]
+        row = table[-1:]
+        table.resize((table.shape[0] + 1,))
+        row["event_id"] = table.shape[0]
+        table[-1:] = row
+        table.attrs["NROWS"] = np.int64(table.shape[0])
+    shutil.move(day_file_path(live.data_dir, DAY2), tmp_path / "moved.h5")
+    comparisons = verify(live.data_dir, out, DAY1, DAY2)
+    day1_diffs, day2_diffs = (c.differences for c in comparisons)
+    assert any("station_501/singles: " in d and "rows live" in d for d in day1_diffs)
+    assert any("1 rows only live, 0 rows only replayed" in d for d in day1_diffs)
+    assert day2_diffs and "live file missing" in day2_diffs[0]
+
+
+def test_verify_reports_blob_difference_and_order(tmp_path: Path, bucket: Bucket,
+                                                  live: Settings) -> None:
+    out = tmp_path / "replay"
+    replay(bucket, live, DAY1, DAY2, out, late_days=2)
+    path = day_file_path(live.data_dir, DAY2)
+    station = "/hisparc/cluster_leiden/station_7001"
+    with h5py.File(path, "r+") as h5:
+        blobs = h5[f"{station}/blobs"]
+        blobs[0] = np.frombuffer(b"tampered", dtype=np.uint8)
+    (comparison,) = verify(live.data_dir, out, DAY2, DAY2)
+    assert any(d.startswith(f"{station}/blobs: blobs differ") for d in comparison.differences)
+    assert any("rows only live" in d for d in comparison.differences)
+
+
+def test_verify_same_rows_other_order_is_a_note(tmp_path: Path, bucket: Bucket,
+                                                live: Settings) -> None:
+    out = tmp_path / "replay"
+    replay(bucket, live, DAY1, DAY2, out, late_days=2)
+    path = day_file_path(live.data_dir, DAY1)
+    node = "/hisparc/cluster_amsterdam/station_501/singles"
+    with h5py.File(path, "r+") as h5:
+        table = h5[node]
+        rows = table[:]
+        swapped = rows[::-1].copy()
+        swapped["event_id"] = rows["event_id"]
+        table[:] = swapped
+    (loose,) = verify(live.data_dir, out, DAY1, DAY1)
+    assert loose.differences == [] and any("another order" in n for n in loose.notes)
+    (strict,) = verify(live.data_dir, out, DAY1, DAY1, strict_order=True)
+    assert any("another order" in d for d in strict.differences)
+
+
+def test_cli_replay_verify(bucket: Bucket, live: Settings, tmp_path: Path,
+                           capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "cli"
+    code = main(["replay", "--from", "2024-03-01", "--to", "2024-03-02", "--out", str(out),
+                 "--late-days", "2", "--verify", "--no-progress"])
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    assert "2024-03-01: identical" in printed and "verify: identical" in printed
+    # into the same directory again: refused, nothing overwritten
+    assert main(["replay", "--from", "2024-03-01", "--to", "2024-03-02", "--out", str(out),
+                 "--no-progress"]) == 2
+    # into the live data_dir: refused
+    assert main(["replay", "--from", "2024-03-01", "--to", "2024-03-01", "--out",
+                 str(live.data_dir), "--no-progress"]) == 2
+
+
+def test_print_comparisons_exit_signal() -> None:
+    from io import StringIO
+
+    from hisparc_datastore.replay import FileComparison
+
+    stream = StringIO()
+    assert not print_comparisons([FileComparison(DAY1, ["x differs"])], stream)
+    assert "verify: DIFFERENT" in stream.getvalue()
+
+
+def test_small_append_groups_change_nothing(bucket: Bucket, live: Settings, tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """Streaming in groups of two objects gives the same files as one big group."""
+    from hisparc_datastore import replay as replay_module
+
+    monkeypatch.setattr(replay_module, "GROUP_OBJECTS", 2)
+    out = tmp_path / "small"
+    replay(bucket, live, DAY1, DAY2, out, late_days=2)
+    comparisons = verify(live.data_dir, out, DAY1, DAY2, strict_order=True)
+    assert [c.differences for c in comparisons] == [[], []]
+
+
+def test_objects_still_in_incoming_are_replayed(bucket: Bucket, live: Settings,
+                                                tmp_path: Path) -> None:
+    waiting = samples.batch(3, dt.datetime(2024, 3, 2, 20, 0), random.Random(11),
+                            kinds=("SIN",))
+    key = put_batch(bucket, waiting, 501, "Amsterdam",
+                    dt.datetime(2024, 3, 2, 20, 5, tzinfo=dt.UTC), "py2")
+    with_incoming, without = tmp_path / "with", tmp_path / "without"
+    replay(bucket, live, DAY2, DAY2, with_incoming, late_days=2)
+    replay(bucket, live, DAY2, DAY2, without, late_days=2, include_incoming=False)
+    (comparison,) = verify(live.data_dir, with_incoming, DAY2, DAY2)
+    assert f"ledger: {key} replayed, not in the live ledger" in comparison.differences
+    assert any("0 rows only live, 3 rows only replayed" in d for d in comparison.differences)
+    (comparison,) = verify(live.data_dir, without, DAY2, DAY2)
+    assert comparison.differences == []
+    assert [info.key for info in bucket.list("incoming/")] == [key]  # never moved
