@@ -118,6 +118,25 @@ class DayFileLocked(DayFileError, TimeoutError):
     """Another writer held the day file for longer than the lock timeout."""
 
 
+class DayFileIOError(DayFileError, OSError):
+    """The volume failed under the file (full, read-only, I/O error): retry later.
+
+    HDF5 reports a failed write or flush as a ``RuntimeError`` whose message names the
+    system call's errno; left as it is, the writer would take it for a fault of the
+    batch and quarantine good data whenever the disk fills up.
+    """
+
+
+def _volume_failure(exc: BaseException | None) -> bool:
+    """Whether an h5py error is (or follows) a failed system call: HDF5 puts ``errno = N``
+    in the message; a close that fails after a failed flush carries the flush's error."""
+    while exc is not None:
+        if isinstance(exc, RuntimeError) and "errno = " in str(exc):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
 def day_file_path(data_dir: Path, day: date) -> Path:
     """``<data_dir>/<YYYY>/<M>/<YYYY>_<M>_<D>.h5``, month and day without zero padding."""
     return Path(data_dir) / str(day.year) / str(day.month) / (
@@ -503,9 +522,15 @@ class DayFile:
             self._file = h5py.File(self.path, "r+")
             self._ensure_ledger()
             self._repair()
-        except BaseException:
-            self._close()
-            self._lock.release()
+        except BaseException as exc:
+            try:
+                self._close()
+            except Exception as close_error:  # the lock must be released all the same
+                log.warning("%s: closing after a failed open: %s", self.path, close_error)
+            finally:
+                self._lock.release()
+            if _volume_failure(exc):
+                raise DayFileIOError(f"{self.path}: {exc}") from exc
             raise
         return self
 
@@ -517,6 +542,13 @@ class DayFile:
     ) -> None:
         try:
             self._close()
+        except RuntimeError as close_error:
+            if exc is not None:  # the append's own error says more; do not mask it
+                log.warning("%s: closing after a failed append: %s", self.path, close_error)
+            elif _volume_failure(close_error):
+                raise DayFileIOError(f"{self.path}: {close_error}") from close_error
+            else:
+                raise
         finally:
             self._lock.release()
 
@@ -524,8 +556,10 @@ class DayFile:
         if self._file is not None:
             try:
                 if self._file.id.valid:
-                    self._file.flush()
-                    self._file.close()
+                    try:
+                        self._file.flush()
+                    finally:  # a failed flush must not leave HDF5 holding the file open
+                        self._file.close()
             finally:
                 self._file = None
                 self._committed = None
@@ -720,12 +754,14 @@ class DayFile:
             self._repair()  # an earlier append in this session failed half-way
         try:
             return self._write(todo, stations, report, stop_after)
-        except BaseException:
+        except BaseException as exc:
             log.exception("%s: append failed, rolling back", self.path)
             try:
                 self._repair()
             except Exception:
                 log.exception("%s: rollback failed; the next open retries it", self.path)
+            if _volume_failure(exc):
+                raise DayFileIOError(f"{self.path}: {exc}") from exc
             raise
 
     def _check_existing(self, stations: Mapping[str, _StationWork]) -> None:
@@ -913,6 +949,7 @@ __all__ = [
     "BatchPart",
     "DayFile",
     "DayFileError",
+    "DayFileIOError",
     "DayFileLocked",
     "day_file_path",
 ]
