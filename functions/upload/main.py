@@ -20,22 +20,32 @@ protocol's ``text/plain`` response with one log line.  Decisions made here:
   503: never a 500 page or a traceback to the client, and like every non-``100`` answer
   it makes the station resend the batch later.
 - The bucket client is made once, at import; its timeouts are short (see
-  ``BUCKET_OPTIONS``) so a slow bucket is answered ``404`` with HTTP 503 in seconds.
+  ``BUCKET_OPTIONS`` and ``DIRECT_TIMEOUT``) so a slow bucket is answered ``404`` with
+  HTTP 503 in seconds.
+- With static credentials (the usual case: environment variables) the put goes through
+  :class:`UploadStore`, the lean SigV4 client of ``s3direct``, not boto3: botocore costs
+  about 2 ms of CPU per put under the GIL (more than the whole protocol for a 1-event
+  batch) and boto3's import and client set-up about 0.2 s of cold start (docs/PERFORMANCE.md).
+  Without static credentials boto3 and its credential chain are used, as before.
 """
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
+import hashlib
 import logging
 import time
+from collections.abc import Mapping
 
 import flask
 import functions_framework
 
 from hisparc_datastore import upload as core
-from hisparc_datastore.bucket import Bucket
+from hisparc_datastore.bucket import PICKLE_CONTENT_TYPE, Bucket
 from hisparc_datastore.config import ConfigError, Settings, load_settings
 from hisparc_datastore.logs import setup_logging
+from hisparc_datastore.s3direct import DirectS3
 from hisparc_datastore.stations import StationList
 
 log = logging.getLogger("hisparc_datastore.upload")
@@ -49,6 +59,51 @@ READ_CHUNK = 1 << 20
 # The bucket client must time out well within the stations' patience (PySPARC waits
 # 10 s); a put that cannot finish in time is answered 404 and resent by the station.
 BUCKET_OPTIONS = {"connect_timeout": 2.0, "read_timeout": 10.0, "max_attempts": 2}
+# The direct client has one timeout for connecting and for each read, and makes one
+# attempt (plus one reconnect when the server closed a kept-alive connection), so its
+# worst case stays below the stations' 10 s.
+DIRECT_TIMEOUT = 5.0
+
+
+class UploadStore(DirectS3):
+    """The upload's put, as :class:`~hisparc_datastore.bucket.Bucket` does it, over s3direct.
+
+    Same request as ``Bucket.put``: the pickle content type, the already computed MD5 as
+    ``Content-MD5`` (the server refuses a damaged body), the metadata as
+    ``x-amz-meta-*``; every failure is a ``BucketError`` (answered ``404``, HTTP 503).
+    """
+
+    def put(
+        self,
+        key: str,
+        body: bytes,
+        metadata: Mapping[str, str],
+        md5_digest: bytes | None = None,
+    ) -> str:
+        digest = md5_digest or hashlib.md5(body).digest()  # noqa: S324 - S3's Content-MD5
+        headers = {
+            "content-type": PICKLE_CONTENT_TYPE,
+            "content-md5": base64.b64encode(digest).decode("ascii"),
+            **{f"x-amz-meta-{name.lower()}": value for name, value in metadata.items()},
+        }
+        answer = self._request("PUT", key, body, headers)
+        if answer.status != 200:
+            raise self._fail("PUT", key, answer)
+        return answer.headers.get("etag", "").strip('"')
+
+
+def _store(settings: Settings) -> core.ObjectStore:
+    """The direct client with static credentials, boto3 (and its credential chain) without."""
+    if settings.aws_access_key_id and settings.aws_secret_access_key:
+        return UploadStore(
+            settings.bucket_name,
+            settings.bucket_endpoint,
+            settings.bucket_region,
+            settings.aws_access_key_id,
+            settings.aws_secret_access_key,
+            timeout=DIRECT_TIMEOUT,
+        )
+    return Bucket.from_settings(settings, **BUCKET_OPTIONS)
 
 
 def _load() -> tuple[Settings, StationList]:
@@ -67,11 +122,11 @@ def _load() -> tuple[Settings, StationList]:
 
 SETTINGS, STATIONS = _load()
 
-# Created before gunicorn forks its workers, so that no worker pays for loading the S3
-# service model on its first request (cold start).  Safe to inherit: a boto3 client
-# opens no connection until it is used, and nothing uses it before the fork; each worker
-# then opens its own connections, and threads within a worker share the client.
-STORE = Bucket.from_settings(SETTINGS, **BUCKET_OPTIONS)
+# Created before gunicorn forks its workers, so that no worker pays for setting up the
+# client on its first request (cold start).  Safe to inherit: neither client opens a
+# connection until it is used, and nothing uses it before the fork; each worker then
+# opens its own connections (the direct client one per thread), and threads share it.
+STORE = _store(SETTINGS)
 
 
 def _response(body: str, status: int, streamed: bool = False) -> flask.Response:

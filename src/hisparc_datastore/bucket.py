@@ -2,6 +2,11 @@
 
 Both functions and every CLI command reach S3 through this module, with the same boto3
 settings, so what the tests exercise against a local S3 server is what production runs.
+
+boto3 is imported when a :class:`Bucket` is first made, not with this module: the key
+helpers and exceptions here are needed by code that never talks to S3 through boto3
+(the upload function puts through :mod:`.s3direct`), and importing boto3 costs about
+0.1 s of its cold start.
 """
 
 from __future__ import annotations
@@ -11,10 +16,6 @@ import datetime as dt
 import hashlib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-
-import boto3
-import botocore.exceptions
-from botocore.config import Config
 
 from .config import Settings
 
@@ -71,10 +72,14 @@ def archive_key(incoming: str, received: dt.datetime) -> str:
 
 
 def _client_errors() -> tuple[type[BaseException], ...]:
+    import botocore.exceptions
+
     return (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError)
 
 
 def _is_missing(exc: BaseException) -> bool:
+    import botocore.exceptions
+
     if isinstance(exc, botocore.exceptions.ClientError):
         code = str(exc.response.get("Error", {}).get("Code", ""))
         return code in {"NoSuchKey", "404", "NotFound"}
@@ -95,6 +100,9 @@ class Bucket:
         read_timeout: float = 20.0,
         max_attempts: int = 3,
     ) -> None:
+        import boto3
+        from botocore.config import Config
+
         self.name = name
         self.endpoint = endpoint
         config = Config(
@@ -134,6 +142,8 @@ class Bucket:
             return
         except _client_errors():
             pass
+        import botocore.exceptions
+
         try:
             self.client.create_bucket(Bucket=self.name)
         except botocore.exceptions.ClientError as exc:
