@@ -51,9 +51,6 @@ def test_percent_decode_inverts_quoting(raw: bytes) -> None:
     assert core.percent_decode(urllib.parse.quote_from_bytes(raw).encode()) == raw
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "an invalid escape sends a large value to the standard library's byte loop "
-    "(docs/SECURITY.md, residual risk R3)"))
 def test_an_invalid_escape_keeps_large_values_on_the_vector_path(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -81,8 +78,6 @@ def _cpu_seconds(body: bytes) -> float:
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason=(
-    "empty pairs are split one by one and not counted (docs/SECURITY.md, residual risk R3)"))
 def test_a_body_of_separators_costs_no_more_than_a_real_form() -> None:
     """Compared with a well-formed form of the same size, on the same machine."""
     size = 8 * MIB

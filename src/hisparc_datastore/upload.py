@@ -61,6 +61,8 @@ REQUIRED_FIELDS = ("station_id", "password", "data", "checksum")
 
 #: More fields than this is not a station talking; refusing early bounds the work.
 MAX_FIELDS = 64
+#: Pieces between `&`, empty ones included (a trailing `&` or two is harmless).
+MAX_PIECES = 4 * MAX_FIELDS
 
 _STATION_ID = re.compile(rb"[0-9]{1,10}")
 
@@ -151,21 +153,22 @@ def percent_decode(value: bytes) -> bytes:
 
     The pure-Python loop of the standard library costs about 30 ms per MB of pickle,
     more than decoding the pickle itself; with numpy it is a few array passes.  An
-    invalid escape (``%`` not followed by two hex digits) takes the standard library's
-    path, so the result is always exactly what it would give.
+    invalid escape (``%`` not followed by two hex digits) is kept as it is, as the
+    standard library keeps it, so the result is always exactly what it would give.
     """
     if len(value) < _VECTOR_MINIMUM:
         return urllib.parse.unquote_to_bytes(value)
     raw = np.frombuffer(value, dtype=np.uint8)
     at = np.flatnonzero(raw == ord("%"))
-    if at.size == 0:
-        return value
-    if at[-1] + 2 >= raw.size:
-        return urllib.parse.unquote_to_bytes(value)
+    at = at[at + 2 < raw.size]
     high = _HEX_VALUE[raw[at + 1]]
     low = _HEX_VALUE[raw[at + 2]]
-    if (high == 0xFF).any() or (low == 0xFF).any():
-        return urllib.parse.unquote_to_bytes(value)
+    # Like the standard library, a `%` not followed by two hex digits stays as it is.  Hex
+    # digits are never `%`, so valid escapes cannot overlap and are decoded independently.
+    valid = (high != 0xFF) & (low != 0xFF)
+    at, high, low = at[valid], high[valid], low[valid]
+    if at.size == 0:
+        return value
     decoded = raw.copy()
     decoded[at] = (high << 4) | low
     keep = np.ones(raw.size, dtype=bool)
@@ -187,8 +190,11 @@ def parse_urlencoded(body: bytes) -> dict[str, bytes]:
     non-ASCII bytes the pickle is made of.
     """
     fields: dict[str, bytes] = {}
-    count = 0
+    count = pieces = 0
     for pair in _split(body, b"&"):
+        pieces += 1
+        if pieces > MAX_PIECES:  # empty pairs too: a body of separators costs nothing
+            raise FormError(f"more than {MAX_PIECES} '&'-separated pieces")
         if not pair.strip():
             continue
         count += 1
