@@ -1,6 +1,6 @@
 """The upload function's put over s3direct stores exactly what ``Bucket.put`` stores.
 
-functions/upload/main.py puts through ``UploadStore`` (a lean SigV4 client) when static
+functions/upload/main.py puts through ``s3direct.DirectS3`` (a lean SigV4 client) when static
 credentials are configured, for CPU and cold start (docs/PERFORMANCE.md).  The HTTP tests
 (tests/test_upload_http.py) drive that path end to end; these pin the stored object
 against the boto3 path, the failure mapping and the fallback, on the real S3 server.
@@ -38,7 +38,7 @@ def main_module(bucket: Bucket) -> ModuleType:
 
 
 def test_static_credentials_put_through_the_direct_client(main_module: ModuleType) -> None:
-    assert isinstance(main_module.STORE, main_module.UploadStore)
+    assert isinstance(main_module.STORE, main_module.DirectS3)
 
 
 def test_direct_put_stores_what_bucket_put_stores(

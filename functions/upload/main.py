@@ -23,7 +23,8 @@ protocol's ``text/plain`` response with one log line.  Decisions made here:
   ``BUCKET_OPTIONS`` and ``DIRECT_TIMEOUT``) so a slow bucket is answered ``404`` with
   HTTP 503 in seconds.
 - With static credentials (the usual case: environment variables) the put goes through
-  :class:`UploadStore`, the lean SigV4 client of ``s3direct``, not boto3: botocore costs
+  :class:`~hisparc_datastore.s3direct.DirectS3`, the lean SigV4 client whose put sends the
+  same request as ``Bucket.put``, not boto3: botocore costs
   about 2 ms of CPU per put under the GIL (more than the whole protocol for a 1-event
   batch) and boto3's import and client set-up about 0.2 s of cold start (docs/PERFORMANCE.md).
   Without static credentials boto3 and its credential chain are used, as before.
@@ -31,18 +32,15 @@ protocol's ``text/plain`` response with one log line.  Decisions made here:
 
 from __future__ import annotations
 
-import base64
 import datetime as dt
-import hashlib
 import logging
 import time
-from collections.abc import Mapping
 
 import flask
 import functions_framework
 
 from hisparc_datastore import upload as core
-from hisparc_datastore.bucket import PICKLE_CONTENT_TYPE, Bucket
+from hisparc_datastore.bucket import Bucket
 from hisparc_datastore.config import ConfigError, Settings, load_settings
 from hisparc_datastore.logs import setup_logging
 from hisparc_datastore.s3direct import DirectS3
@@ -65,37 +63,10 @@ BUCKET_OPTIONS = {"connect_timeout": 2.0, "read_timeout": 10.0, "max_attempts": 
 DIRECT_TIMEOUT = 5.0
 
 
-class UploadStore(DirectS3):
-    """The upload's put, as :class:`~hisparc_datastore.bucket.Bucket` does it, over s3direct.
-
-    Same request as ``Bucket.put``: the pickle content type, the already computed MD5 as
-    ``Content-MD5`` (the server refuses a damaged body), the metadata as
-    ``x-amz-meta-*``; every failure is a ``BucketError`` (answered ``404``, HTTP 503).
-    """
-
-    def put(
-        self,
-        key: str,
-        body: bytes,
-        metadata: Mapping[str, str],
-        md5_digest: bytes | None = None,
-    ) -> str:
-        digest = md5_digest or hashlib.md5(body).digest()  # noqa: S324 - S3's Content-MD5
-        headers = {
-            "content-type": PICKLE_CONTENT_TYPE,
-            "content-md5": base64.b64encode(digest).decode("ascii"),
-            **{f"x-amz-meta-{name.lower()}": value for name, value in metadata.items()},
-        }
-        answer = self._request("PUT", key, body, headers)
-        if answer.status != 200:
-            raise self._fail("PUT", key, answer)
-        return answer.headers.get("etag", "").strip('"')
-
-
 def _store(settings: Settings) -> core.ObjectStore:
     """The direct client with static credentials, boto3 (and its credential chain) without."""
     if settings.aws_access_key_id and settings.aws_secret_access_key:
-        return UploadStore(
+        return DirectS3(
             settings.bucket_name,
             settings.bucket_endpoint,
             settings.bucket_region,

@@ -31,7 +31,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from xml.sax.saxutils import escape
 
-from .bucket import BucketError, ObjectInfo, ObjectMissing, StoredObject
+from .bucket import PICKLE_CONTENT_TYPE, BucketError, ObjectInfo, ObjectMissing, StoredObject
 from .config import Settings
 
 UNSIGNED = "UNSIGNED-PAYLOAD"
@@ -283,10 +283,18 @@ class DirectS3:
             ),
         )
 
-    def put(self, key: str, body: bytes, metadata: Mapping[str, str]) -> str:
+    def put(
+        self,
+        key: str,
+        body: bytes,
+        metadata: Mapping[str, str],
+        md5_digest: bytes | None = None,
+    ) -> str:
+        """The same request as :meth:`~.bucket.Bucket.put`, signed here."""
+        digest = md5_digest or hashlib.md5(body).digest()  # noqa: S324 - S3's Content-MD5
         headers = {
-            "content-type": "application/octet-stream",
-            "content-md5": base64.b64encode(hashlib.md5(body).digest()).decode(),  # noqa: S324
+            "content-type": PICKLE_CONTENT_TYPE,
+            "content-md5": base64.b64encode(digest).decode(),
             **{f"{_META}{name.lower()}": value for name, value in metadata.items()},
         }
         answer = self._request("PUT", key, body, headers)
