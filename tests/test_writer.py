@@ -546,6 +546,32 @@ def test_object_that_trips_the_decoder_is_quarantined(
     assert keys_under(bucket, "failed/") == [failed_key(a)]
 
 
+def test_running_out_of_memory_while_decoding_leaves_the_object_for_a_later_try(
+    bucket: Bucket, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Memory is the writer's trouble, not the batch's: no quarantine, a 5xx, then a retry."""
+    (a, b, _), _ = three_batches(bucket)
+    from hisparc_datastore import writer
+
+    real = writer.decode_batch
+    big = bucket.get(a).body
+
+    def short_of_memory(body: bytes) -> list[dict[str, Any]]:
+        if body == big:
+            raise MemoryError
+        return real(body)
+
+    monkeypatch.setattr(writer, "decode_batch", short_of_memory)
+    result = process_keys([a, b], bucket, settings, retry=FAST)
+    assert not result.ok and result.archived == [b] and not result.quarantined
+    assert list(result.failed) == [a] and "memory" in result.failed[a]
+    assert keys_under(bucket, "failed/") == [] and a in keys_under(bucket, "incoming/")
+
+    monkeypatch.setattr(writer, "decode_batch", real)
+    again = process_keys([a], bucket, settings, retry=FAST)
+    assert again.ok and again.archived == [a]
+
+
 def test_rows_one_object_cannot_write_quarantine_only_that_object(
     bucket: Bucket, settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:

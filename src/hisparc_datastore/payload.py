@@ -13,7 +13,8 @@ payload passes three gates, each cheap next to the unpickling itself:
    rare token that needs arithmetic.  Refused: opcodes no station needs (persistent ids,
    extension codes, out-of-band buffers, sets, bytearrays, INST/OBJ/NEWOBJ), lengths that
    run past the data, memo indices that would blow up the memo, ints wider than 128 bits,
-   over 10,000 tuples other than call arguments, protocols above 5, and bytes after STOP.
+   over 10,000 tuples other than call arguments, protocols above 5, bytes after STOP,
+   and more than one container per 4 bytes.
 2. **Restricted unpickling** by CPython's C unpickler, whose ``find_class`` knows exactly
    the globals real stations use (spec section 2) and maps each to a stand-in that checks
    its arguments: numpy's own unpickling machinery never runs on network data.
@@ -24,8 +25,10 @@ payload passes three gates, each cheap next to the unpickling itself:
    input, here and in any caller iterating the batch.
 
 Memory: the unpickler's own memo stays below 16 MiB, and everything else it builds costs at
-most a fixed multiple of the input (an empty list is one byte of pickle and 56 of memory):
-the upload's body limit bounds it.
+most a fixed multiple of the input, about 50x: the scan allows one container per 4 bytes
+(an empty list is one byte of pickle and 56 of memory), and a pointer costs about 24x its
+one-byte opcode.  Real batches cost 2-16x.  The upload's body limit turns the multiple
+into a cap (docs/SECURITY.md, R1).
 """
 
 from __future__ import annotations
@@ -130,11 +133,10 @@ _TEXT_RUN = _runs(rb"[(dlsaRNb]", _LINE_TOKENS + rb"|" + _CALL_TUPLE)
 #: Tokens of any protocol that are safe without a closer look.  Everything else (long
 #: strings, 8-byte lengths, large memo indices, refused opcodes, STOP) ends a run and goes
 #: through :func:`_step`; other tuple opcodes end a run to be counted.
-_SAFE_TOKENS = rb"|".join(
+_ARGUMENT_TOKENS = rb"|".join(
     (
         rb"[hKq][\s\S]|M[\s\S]{2}|[Jj][\s\S]{4}|G[\s\S]{8}",
         _counted_short(b"\x8c", range(256)),  # SHORT_BINUNICODE
-        _CALL_TUPLE,
         rb"r[\s\S]{2}[\x00-\x0f]\x00",  # LONG_BINPUT below 2**20
         rb"\x80[\x00-\x05]",  # PROTO 0..5
         _counted_short(b"C", range(256)),  # SHORT_BINBYTES
@@ -144,6 +146,7 @@ _SAFE_TOKENS = rb"|".join(
         _LINE_TOKENS,
     )
 )
+_SAFE_TOKENS = _CALL_TUPLE + rb"|" + _ARGUMENT_TOKENS
 _SAFE_RUN = _runs(rb"[(012NRbaedlsu}\])\x88\x89\x93\x94]", _SAFE_TOKENS)
 
 
@@ -308,10 +311,65 @@ def _scan_any(data: bytes) -> None:
         pos = _step(data, pos)
 
 
+#: Opcodes that create a container: EMPTY_DICT, EMPTY_LIST, TUPLE1-3, and MARK, which
+#: DICT, LIST and TUPLE each consume one of.  (EMPTY_TUPLE is a shared singleton, and a
+#: REDUCE that allocates anything needs a counted tuple for its arguments.)
+_CONTAINER_OPCODES = b"}](\x85\x86\x87"
+_NOT_CONTAINER_OPCODES = bytes(range(256)).translate(None, _CONTAINER_OPCODES)
+#: Containers allowed per byte of pickle, and a base for small batches.  An empty dict is
+#: one byte of pickle and 64 bytes of memory plus a pointer: a pickle of nothing else
+#: costs 110 times its size to decode, where the densest real batches (PySPARC's numpy
+#: flavour without traces: config, weather config) create one container per 7.5 bytes,
+#: and batches with traces one per 50-150 bytes.  One per 4 bytes keeps a factor 1.9 from
+#: the densest real batch, and brings the worst case near what a pickle of nothing but
+#: ``None`` or short strings costs anyway (about 25x; docs/SECURITY.md, R1).
+_BYTES_PER_CONTAINER = 4
+_CONTAINER_BASE = 65_536
+_CONTAINER_BYTES = frozenset(_CONTAINER_OPCODES)
+#: :data:`_SAFE_RUN` with the counted opcodes taken out, to stop on each of them.
+_UNCOUNTED_RUN = _runs(rb"[012NRbaedlsu)\x88\x89\x93\x94]", _ARGUMENT_TOKENS)
+
+
+def _count_containers(data: bytes, limit: int) -> int:
+    """Container opcodes in a pickle that passed the scan, counted up to ``limit + 1``.
+
+    One Python step per container, so this runs only when the byte count (an upper
+    bound) is over the limit, which no real batch comes near: a stray ``}`` inside a
+    string would otherwise refuse a station's batch, and that blocks its queue for good.
+    """
+    run = _UNCOUNTED_RUN.match
+    count = pos = 0
+    while count <= limit:
+        pos = run(data, pos).end()  # type: ignore[union-attr]  # a run may be empty
+        op = data[pos]
+        if op in _CONTAINER_BYTES:
+            count += 1
+            pos += 1
+        elif op == _STOP_BYTE:  # the scan made sure it is the last byte
+            break
+        else:
+            pos = _step(data, pos)
+    return count
+
+
+def _check_containers(data: bytes) -> None:
+    """Refuse a pickle that would build more containers than its size allows."""
+    limit = len(data) // _BYTES_PER_CONTAINER + _CONTAINER_BASE
+    if len(data.translate(None, _NOT_CONTAINER_OPCODES)) <= limit:
+        return  # every counted opcode is one of these bytes: the common, fast case
+    if _count_containers(data, limit) > limit:
+        raise PayloadError(
+            f"more than one container per {_BYTES_PER_CONTAINER} bytes "
+            "(would take far more memory than a real batch)"
+        )
+
+
 def _scan(data: bytes) -> None:
-    """Raise PayloadError unless every opcode is allowed, bounded and inside the data."""
+    """Raise PayloadError unless every opcode is allowed, bounded and inside the data,
+    and the pickle creates no more containers than its size allows."""
     if not _scan_text(data):
         _scan_any(data)
+    _check_containers(data)
 
 
 # --- gate 2: restricted unpickling -----------------------------------------------------

@@ -523,7 +523,9 @@ class _Run:
 
         Besides :class:`PayloadError`, any other exception from decoding or splitting is
         a quarantine too (logged with its traceback): one object that trips a bug must
-        not stop every later sweep at the same place.
+        not stop every later sweep at the same place.  Except ``MemoryError``: that is
+        transient (the upload treats it so too), and a good batch must not need a
+        ``datastore failed retry`` because the writer was short of memory once.
         """
         plans: list[_Plan] = []
         for index, key in enumerate(keys):
@@ -543,6 +545,12 @@ class _Run:
                 days, skipped = split_by_day(events, self.settings.minimum_year, context=key)
             except PayloadError as exc:
                 self._quarantine(stored, f"undecodable: {exc}", result)
+                continue
+            except MemoryError:
+                # The decoder's memory is bounded by the object's size (payload.py), so
+                # this is the writer's own shortage: the object stays for a later try.
+                log.error("%s: out of memory while decoding; left in incoming/", key)
+                result.failed[key] = "out of memory while decoding"
                 continue
             except Exception as exc:
                 log.exception("%s: decoding failed unexpectedly", key)
