@@ -164,11 +164,19 @@ def test_collect_counts_objects_and_sums_rows_over_stations(bucket, tmp_path: Pa
     report = status.collect(bucket, tmp_path)
     figures = {p.prefix: (p.objects, p.bytes) for p in report.prefixes}
     assert figures == {"incoming/": (1, 10), "suspicious/": (0, 0), "failed/": (1, 7),
-                       "archive/": (3, 300)}
-    archive = report.prefixes[-1]
+                       "archive/": (3, 300), "retrying/": (0, 0), "legacy-import/": (0, 0)}
+    archive = next(p for p in report.prefixes if p.prefix == "archive/")
     assert archive.newest_key is not None and archive.newest_key.startswith("archive/2024/03/05/")
     assert [(d.day, d.stations, d.rows, d.error) for d in report.days] == [
         (day, 3, {"events": 3 + 4, "singles": 3, "weather": 2}, None),
     ]
     text = status.format_report(report, NOW)
     assert "Day files under" in text and "2024-03-05" in text
+
+
+def test_an_interrupted_retry_is_pointed_out() -> None:
+    prefixes = [PrefixStats(prefix, 0, 0, None, None) for prefix in status.STATUS_PREFIXES]
+    prefixes[status.STATUS_PREFIXES.index("retrying/")] = PrefixStats(
+        "retrying/", 2, 20, NOW - dt.timedelta(minutes=5), "retrying/501/a.pickle")
+    text = status.format_report(_report([], prefixes=prefixes), NOW)
+    assert "retrying/" in text and "datastore failed retry" in text

@@ -24,6 +24,10 @@ SUSPICIOUS = "suspicious/"
 FAILED = "failed/"
 ARCHIVE = "archive/"
 PREFIXES = (INCOMING, SUSPICIOUS, FAILED, ARCHIVE)
+#: Operators' prefixes: objects of an interrupted ``datastore failed retry`` (failed.py),
+#: markers of ``datastore import-legacy`` (legacy.py).  No notification watches them.
+RETRYING = "retrying/"
+LEGACY_IMPORT = "legacy-import/"
 PICKLE_CONTENT_TYPE = "application/x-python-pickle"
 
 

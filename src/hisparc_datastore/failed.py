@@ -24,14 +24,13 @@ from typing import Any
 
 import botocore.exceptions
 
-from .bucket import FAILED, INCOMING, Bucket, BucketError, ObjectMissing
+from .bucket import FAILED, INCOMING, RETRYING, Bucket, BucketError, ObjectMissing
 from .config import Settings, load_settings
 from .logs import setup_logging
 from .payload import PayloadError, decode_batch, event_datetime
 from .writer import WriteResult, process_keys, short_reason
 
 #: Where a retried object waits between failed/ and incoming/ (see :func:`_send_back`).
-RETRYING = "retrying/"
 #: Metadata the writer adds on quarantine; a retried object goes back without them.
 FAILURE_METADATA = ("failure-reason", "failed-at")
 

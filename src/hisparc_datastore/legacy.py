@@ -49,13 +49,11 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-from . import payload
-from .bucket import Bucket, BucketError, incoming_key, suspicious_key
+from .bucket import LEGACY_IMPORT, Bucket, BucketError, incoming_key, suspicious_key
 from .config import load_settings
 from .logs import setup_logging
-from .payload import PayloadError, decode_batch
+from .payload import PayloadError, decode_batch, decode_pickle
 from .replay import Progress
 from .stations import Station
 from .upload import metadata_for
@@ -63,7 +61,7 @@ from .writer import short_reason
 
 log = logging.getLogger(__name__)
 
-MARKER_PREFIX = "legacy-import/"
+MARKER_PREFIX = LEGACY_IMPORT
 FOLDERS = ("incoming", "partial", "suspicious")
 #: Queue files larger than this are refused (the upload's own limit is far below).
 MAX_FILE_BYTES = 256 * 1024 * 1024
@@ -96,23 +94,11 @@ class ImportReport:
         )
 
 
-def _decode_restricted(data: bytes) -> Any:
-    """The payload module's gates for a pickle whose top level need not be a list.
-
-    (A public ``payload.decode_pickle`` would make this one call; the gates are used as
-    they are, in the same order, with the same budget.)
-    """
-    if not data:
-        raise PayloadError("empty file")
-    payload._scan(data)
-    value = payload._unpickle(data)
-    payload._check_tree([value], payload._BUDGET_PER_BYTE * len(data) + payload._BUDGET_BASE)
-    return value
-
-
 def decode_queue_file(data: bytes) -> QueueBatch:
     """A reference queue file -> the object to store; PayloadError when it is not one."""
-    outer = _decode_restricted(data)
+    if not data:
+        raise PayloadError("empty file")
+    outer = decode_pickle(data)
     if type(outer) is not dict:
         raise PayloadError(f"queue file holds a {type(outer).__name__}, not a dict")
     station = outer.get("station_id")

@@ -49,6 +49,7 @@ __all__ = [
     "MAX_DEPTH",
     "PayloadError",
     "decode_batch",
+    "decode_pickle",
     "event_datetime",
     "event_datetimes",
     "is_suspicious",
@@ -668,6 +669,23 @@ def _check_tree(batch: list[Any], budget: int) -> None:
             if kind in present:
                 sequences += compress(children, map(is_, kinds, repeat(kind)))
         depth += 1
+
+
+def decode_pickle(data: bytes) -> Any:
+    """Decode any untrusted pickle through the three gates, whatever its top-level value.
+
+    For pickles that wrap a batch, such as the reference datastore's queue files
+    (:mod:`hisparc_datastore.legacy`); the same allowlist, bounds and budget apply.
+    """
+    if not isinstance(data, bytes | bytearray | memoryview):
+        raise PayloadError("payload is not bytes")
+    data = bytes(data)
+    if not data:
+        raise PayloadError("empty payload")
+    _scan(data)
+    value = _unpickle(data)
+    _check_tree([value], _BUDGET_PER_BYTE * len(data) + _BUDGET_BASE)
+    return value
 
 
 def decode_batch(data: bytes) -> list[dict[str, Any]]:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import h5py
 
-from .bucket import PREFIXES, Bucket, BucketError
+from .bucket import LEGACY_IMPORT, PREFIXES, RETRYING, Bucket, BucketError
 from .config import CONFIG_ENV, ConfigError, load_settings
 from .daystore import day_file_path
 from .local import DEFAULT_STATE_DIR, stack_environment
@@ -61,6 +61,9 @@ class StatusReport:
 
 
 # ----------------------------------------------------------------------------- collect
+
+#: The writer's prefixes, then the operators' (empty unless a tool left something there).
+STATUS_PREFIXES = (*PREFIXES, RETRYING, LEGACY_IMPORT)
 
 
 def prefix_stats(bucket: Bucket, prefix: str) -> PrefixStats:
@@ -146,7 +149,7 @@ def collect(bucket: Bucket, data_dir: Path) -> StatusReport:
     prefixes: list[PrefixStats] | None = None
     bucket_error = None
     try:
-        prefixes = [prefix_stats(bucket, prefix) for prefix in PREFIXES]
+        prefixes = [prefix_stats(bucket, prefix) for prefix in STATUS_PREFIXES]
     except BucketError as exc:
         bucket_error = str(exc)
     days = [day_file_stats(day, path) for day, path in find_day_files(data_dir)]
@@ -218,6 +221,9 @@ def format_report(report: StatusReport, now: dt.datetime, days: int = DEFAULT_DA
         if waiting.get("failed/"):
             lines.append("  note: failed/ holds undecodable objects; "
                          "see their failure-reason metadata")
+        if waiting.get(RETRYING):
+            lines.append(f"  note: {RETRYING} holds objects of an interrupted "
+                         "'datastore failed retry'; run it again to finish them")
 
     archived = None
     if report.prefixes is not None:
