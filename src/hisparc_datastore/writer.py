@@ -34,8 +34,10 @@ cluster can be found the object is *failed*, not quarantined: it is a configurat
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import datetime as dt
+import functools
 import logging
 import os
 import threading
@@ -366,6 +368,30 @@ def object_store(bucket: Bucket, settings: Settings, direct: bool = True) -> Obj
     return ObjectStore(bucket, client)
 
 
+def _malloc_trim() -> Callable[[], object] | None:
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return functools.partial(libc.malloc_trim, 0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        return None
+
+
+_TRIM = _malloc_trim()
+
+
+def release_free_memory() -> None:
+    """Hand memory freed by a large batch back to the system (glibc's ``malloc_trim``).
+
+    glibc keeps what a decoded batch freed in its heap, scattered between live blocks,
+    and the next batch's body then arrives on top: in a catch-up of 1000-event batches
+    the peak RSS grew to 4.8x one batch against 3.4x for a single one (bench/memory.py).
+    Trimming after each large batch brings it back to 3.8x.  It is cheap, but chunks of
+    small objects free too little to need it and skip it.
+    """
+    if _TRIM is not None:
+        _TRIM()
+
+
 def _apply(function: Callable[[Any], T], items: Sequence[Any]) -> list[T]:
     return [function(item) for item in items]
 
@@ -470,7 +496,13 @@ class _Run:
     def process(self, keys: Sequence[str], fetched: list[Any]) -> WriteResult:
         """All stages of one chunk, in order."""
         started = time.perf_counter()
+        large = any(
+            isinstance(item, StoredObject) and len(item.body) > ARCHIVE_PUT_BYTES
+            for item in fetched
+        )
         result = self.finish(self.write(keys, fetched))
+        if large:
+            release_free_memory()
         result.seconds = time.perf_counter() - started
         return result
 
