@@ -110,9 +110,7 @@ def cold_starts(count: int) -> list[float]:
             for _ in range(count):
                 port = free_port()
                 process, seconds = bench_upload.start_server(
-                    [str(bench_upload.BIN / "functions-framework"), "--source",
-                     str(bench_upload.SOURCE), "--target", "upload", "--host", "127.0.0.1",
-                     "--port", str(port)],
+                    bench_upload.ours_command(port),
                     env, f"http://127.0.0.1:{port}/", probe, work / "server.out",
                 )
                 bench_upload.stop(process)

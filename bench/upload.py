@@ -1,10 +1,10 @@
 """Upload benchmark: the new upload function against the reference app, side by side.
 
 Both servers run the way production runs them, on the same machine, in the same run:
-- ours: ``functions-framework --source functions/upload/main.py --target upload``, which
-  in functions-framework 3.10 serves through gunicorn (gthread worker; ``WORKERS``
-  workers, default 1, so it is set to 2 here; ``THREADS`` threads, default 4 per CPU),
-  storing into a local SeaweedFS started for the run;
+- ours: ``python -m hisparc_datastore.serve --source functions/upload/main.py --target
+  upload``, as the image runs it: gunicorn (gthread worker with our idle timeout and
+  request-line limit; ``WORKERS`` workers, default 1, so it is set to 2 here; ``THREADS``
+  threads, default 4 per CPU), storing into a local SeaweedFS started for the run;
 - the baseline: bench/reference_upload.py (form parsing, md5 and plain ``pickle.loads``
   as the reference does, writing into a queue directory) under gunicorn with the same
   worker class, workers and threads.
@@ -28,7 +28,6 @@ import json
 import os
 import pickle
 import random
-import signal
 import statistics
 import subprocess
 import sys
@@ -46,6 +45,7 @@ from hisparc_datastore import samples
 from hisparc_datastore.bucket import Bucket
 from hisparc_datastore.py2pickle import dumps_py2
 from hisparc_datastore.s3server import SeaweedS3, free_port
+from hisparc_datastore.served import serve_command, spawn, stop_process
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -129,12 +129,8 @@ def start_server(
     command: list[str], env: dict[str, str], url: str, probe: bytes, log: Path
 ) -> tuple[subprocess.Popen[bytes], float]:
     """Start a server and return it with its cold start: process start to the first 100."""
-    with log.open("ab") as output:
-        started = time.perf_counter()
-        process = subprocess.Popen(
-            command, env=env, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=output,
-            stderr=output, start_new_session=True,
-        )
+    started = time.perf_counter()
+    process = spawn(command, env, log, cwd=ROOT)
     session = requests.Session()
     while True:
         if process.poll() is not None:
@@ -153,13 +149,12 @@ def start_server(
 
 
 def stop(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+    stop_process(process)
+
+
+def ours_command(port: int) -> list[str]:
+    """The upload function as its image serves it, on loopback."""
+    return serve_command(SOURCE, "upload", "127.0.0.1", port)
 
 
 def load(
@@ -251,8 +246,7 @@ def main() -> int:
             ours_url = f"http://127.0.0.1:{ours_port}/"
             reference_url = f"http://127.0.0.1:{reference_port}/"
             ours, ours_cold = start_server(
-                [str(BIN / "functions-framework"), "--source", str(SOURCE), "--target", "upload",
-                 "--host", "127.0.0.1", "--port", str(ours_port)],
+                ours_command(ours_port),
                 {**base_env, "DATASTORE_CONFIG": str(config), "AWS_ACCESS_KEY_ID": s3.access_key,
                  "AWS_SECRET_ACCESS_KEY": s3.secret_key, "WORKERS": str(args.workers),
                  "THREADS": str(threads)},

@@ -38,6 +38,7 @@ from hisparc_datastore import samples
 from hisparc_datastore.bucket import Bucket, incoming_key
 from hisparc_datastore.daystore import day_file_path
 from hisparc_datastore.py2pickle import dumps_py2
+from hisparc_datastore.served import Served, serve_function
 from hisparc_datastore.stations import Station
 from hisparc_datastore.upload import metadata_for
 
@@ -234,58 +235,16 @@ def _check_traces(h5: tables.File, table: tables.Table, rows: Any,
 
 
 ROOT = HERE.parent
-FUNCTIONS_FRAMEWORK = str(Path(sys.executable).with_name("functions-framework"))
-
-
-@dataclass
-class Served:
-    """A function served by functions-framework in its own process group."""
-
-    url: str
-    process: subprocess.Popen[bytes]
-    log_path: Path
-
-    def log(self) -> str:
-        return self.log_path.read_text(encoding="utf-8", errors="replace")
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait(30)
 
 
 def serve(function: str, env: dict[str, str], log_path: Path) -> Served:
-    """Serve ``functions/<function>/main.py`` (target ``function``) on a free port."""
-    import requests
-
-    from hisparc_datastore.s3server import free_port
-
-    port = free_port()
+    """Serve ``functions/<function>/main.py`` (target ``function``) as its image does, on a
+    free loopback port, in its own process group."""
     child_env = {k: v for k, v in os.environ.items() if not k.startswith(("DATASTORE_", "AWS_"))}
     child_env.update(env)
-    with log_path.open("ab") as log:
-        process = subprocess.Popen(
-            [FUNCTIONS_FRAMEWORK, "--source", str(ROOT / "functions" / function / "main.py"),
-             "--target", function, "--host", "127.0.0.1", "--port", str(port)],
-            env=child_env, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-            start_new_session=True,
-        )
-    served = Served(f"http://127.0.0.1:{port}/", process, log_path)
-    deadline = time.monotonic() + 120  # a hang guard, not a timing assertion
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"{function} function exited: {served.log()}")
-        try:
-            if requests.get(served.url, timeout=5).status_code == 200:
-                return served
-        except requests.ConnectionError:
-            time.sleep(0.1)
-    served.stop()
-    raise RuntimeError(f"{function} function did not start")
+    # 120 s: a hang guard, not a timing assertion.
+    return serve_function(ROOT / "functions" / function / "main.py", function, child_env,
+                          log_path, cwd=ROOT, timeout=120)
 
 
 # -- the driver ---------------------------------------------------------------------------

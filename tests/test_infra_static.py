@@ -792,12 +792,18 @@ def test_dockerfile_bakes_the_config_and_serves_the_function(name: str) -> None:
     assert arguments(stage, "WORKDIR") == ["/app"]
     cmd = only([item.arguments for item in stage if item.keyword == "CMD"], "CMD")
     assert json.loads(cmd) == [
-        "functions-framework", "--source", f"functions/{name}/main.py", "--target", name,
-    ], "exec form, so SIGTERM reaches the server"
+        "python", "-m", "hisparc_datastore.serve",
+        "--source", f"functions/{name}/main.py", "--target", name,
+    ], "exec form, so SIGTERM reaches the server; our launcher, for its limits (SECURITY R2, R4)"
+    assert (ROOT / "src" / "hisparc_datastore" / "serve.py").is_file()
+    assert env["PATH"].startswith("/opt/venv/bin:"), "python must be the venv's"
+    source = (ROOT / "functions" / name / "main.py").read_text(encoding="utf-8")
+    assert f"def {name}(request" in source and "@functions_framework.http" in source
     assert not [item for item in stage if item.keyword == "ENTRYPOINT"]
     user = only([item.arguments for item in stage if item.keyword == "USER"], "USER")
     assert re.fullmatch(r"[1-9]\d*:[1-9]\d*", user), "numeric non-root, for runAsNonRoot"
-    assert "DEBUG" not in env, "DEBUG would switch functions-framework to Flask's dev server"
+    assert "DEBUG" not in env, "DEBUG would switch a functions-framework start to Flask's server"
+    assert "IDLE_TIMEOUT_SECONDS" not in env or float(env["IDLE_TIMEOUT_SECONDS"]) > 0
     assert not {key for key in env if re.search(r"SECRET|TOKEN|PASSWORD|AWS_", key)}
     build = " ".join(item.arguments for item in instructions if item.keyword == "RUN")
     assert f'pip install --no-cache-dir ".[{name}]"' in build

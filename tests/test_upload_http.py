@@ -1,4 +1,4 @@
-"""The upload function through real HTTP: functions-framework serving functions/upload/main.py.
+"""The upload function through real HTTP: functions/upload/main.py served as its image does.
 
 One server process serves the whole module (against the session's real SeaweedFS); two
 more short-lived processes cover what needs another configuration: a bucket that is down,
@@ -16,13 +16,10 @@ import http.client
 import os
 import pickle
 import random
-import signal
 import socket
 import subprocess
-import sys
 import textwrap
 import threading
-import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -37,10 +34,10 @@ from hisparc_datastore import samples
 from hisparc_datastore.bucket import Bucket, incoming_key, suspicious_key
 from hisparc_datastore.py2pickle import Py2Unicode, dumps_py2
 from hisparc_datastore.s3server import free_port
+from hisparc_datastore.served import serve_command, serve_function, stop_process
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCE = ROOT / "functions" / "upload" / "main.py"
-FUNCTIONS_FRAMEWORK = str(Path(sys.executable).with_name("functions-framework"))
 MAX_BODY = 16 * 1024 * 1024  # room for the hostile corpus's largest case, raw-encoded
 STATION, PASSWORD = 501, TEST_STATIONS[501][1]
 
@@ -125,35 +122,13 @@ def write_config(directory: Path, endpoint: S3Endpoint, bucket_name: str) -> Pat
 
 
 def start(env: dict[str, str], stderr_path: Path) -> tuple[subprocess.Popen[bytes], int]:
-    port = free_port()
-    with stderr_path.open("ab") as stderr:
-        process = subprocess.Popen(
-            [FUNCTIONS_FRAMEWORK, "--source", str(SOURCE), "--target", "upload",
-             "--host", "127.0.0.1", "--port", str(port)],
-            env=env, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=stderr, stderr=stderr,
-            start_new_session=True,
-        )
-    deadline = time.monotonic() + 120  # a hang guard, not a timing assertion
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"upload function exited: {stderr_path.read_text()}")
-        try:
-            if requests.get(f"http://127.0.0.1:{port}/", timeout=5).status_code == 200:
-                return process, port
-        except requests.ConnectionError:
-            time.sleep(0.1)
-    stop(process)
-    raise RuntimeError("upload function did not start")
+    """Serve the upload function as its image does; the process and its port."""
+    served = serve_function(SOURCE, "upload", env, stderr_path, cwd=ROOT)
+    return served.process, served.port
 
 
 def stop(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(30)
+    stop_process(process)
 
 
 @pytest.fixture(scope="module")
@@ -448,8 +423,7 @@ def test_configuration_error_stops_the_start_naming_the_key(
     config = write_config(tmp_path, s3_endpoint, "config-error")
     env = server_environment(config, s3_endpoint, DATASTORE_UPLOAD_MAX_BODY_BYTES="lots")
     result = subprocess.run(
-        [FUNCTIONS_FRAMEWORK, "--source", str(SOURCE), "--target", "upload",
-         "--host", "127.0.0.1", "--port", str(free_port())],
+        serve_command(SOURCE, "upload", "127.0.0.1", free_port()),
         env=env, cwd=ROOT, capture_output=True, timeout=120, check=False,
     )
     assert result.returncode != 0

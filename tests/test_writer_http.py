@@ -1,4 +1,4 @@
-"""The writer function through real HTTP: functions-framework serving functions/writer/main.py.
+"""The writer function through real HTTP: functions/writer/main.py served as its image does.
 
 One server process (with a notification token) serves the module against the session's
 real SeaweedFS, as a deployment would; a short-lived second process checks that a
@@ -13,11 +13,8 @@ import hashlib
 import json
 import os
 import random
-import signal
 import subprocess
-import sys
 import textwrap
-import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -33,6 +30,7 @@ from hisparc_datastore.daystore import day_file_path
 from hisparc_datastore.notifications import PING_TYPE, SWEEP_TYPE
 from hisparc_datastore.py2pickle import dumps_py2
 from hisparc_datastore.s3server import free_port
+from hisparc_datastore.served import serve_command, serve_function
 from hisparc_datastore.stations import Station
 from hisparc_datastore.upload import metadata_for
 
@@ -59,7 +57,6 @@ except ImportError:
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCE = ROOT / "functions" / "writer" / "main.py"
-FUNCTIONS_FRAMEWORK = str(Path(sys.executable).with_name("functions-framework"))
 TOKEN = "writer-token-" + uuid.uuid4().hex
 RECEIVED = dt.datetime(2024, 11, 5, 10, tzinfo=dt.UTC)
 JSON = {"Content-Type": "application/json"}
@@ -113,16 +110,6 @@ def environment(config: Path, endpoint: S3Endpoint, **extra: str) -> dict[str, s
     return env
 
 
-def stop(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(30)
-
-
 @pytest.fixture(scope="module")
 def server(s3_endpoint: S3Endpoint, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     directory = tmp_path_factory.mktemp("writer-http")
@@ -131,31 +118,12 @@ def server(s3_endpoint: S3Endpoint, tmp_path_factory: pytest.TempPathFactory) ->
     bucket = Bucket(bucket_name, endpoint=s3_endpoint.url, access_key=s3_endpoint.access_key,
                     secret_key=s3_endpoint.secret_key)
     bucket.ensure_exists()
-    port = free_port()
-    log_path = directory / "writer.log"
-    with log_path.open("ab") as log:
-        process = subprocess.Popen(
-            [FUNCTIONS_FRAMEWORK, "--source", str(SOURCE), "--target", "writer",
-             "--host", "127.0.0.1", "--port", str(port)],
-            env=environment(config, s3_endpoint, DATASTORE_WRITER_AUTH_TOKEN=TOKEN),
-            cwd=ROOT, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
-        )
-    url = f"http://127.0.0.1:{port}/"
+    env = environment(config, s3_endpoint, DATASTORE_WRITER_AUTH_TOKEN=TOKEN)
+    served = serve_function(SOURCE, "writer", env, directory / "writer.log", cwd=ROOT)
     try:
-        deadline = time.monotonic() + 120  # a hang guard, not a timing assertion
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"writer exited: {log_path.read_text()}")
-            try:
-                if requests.get(url, timeout=5).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.1)
-        yield Server(url, process, log_path, bucket, directory / "data")
+        yield Server(served.url, served.process, served.log_path, bucket, directory / "data")
     finally:
-        stop(process)
+        served.stop()
 
 
 _seeds = iter(range(1000, 10_000))
@@ -345,8 +313,7 @@ def test_one_log_line_per_request(server: Server) -> None:
 def test_configuration_error_stops_start_up(s3_endpoint: S3Endpoint, tmp_path: Path) -> None:
     env = environment(tmp_path / "missing.ini", s3_endpoint)
     done = subprocess.run(
-        [FUNCTIONS_FRAMEWORK, "--source", str(SOURCE), "--target", "writer",
-         "--host", "127.0.0.1", "--port", str(free_port())],
+        serve_command(SOURCE, "writer", "127.0.0.1", free_port()),
         env=env, cwd=ROOT, capture_output=True, text=True, timeout=120, check=False,
     )
     assert done.returncode != 0

@@ -20,6 +20,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "import-legacy": ("hisparc_datastore.legacy",
                       "put a reference datastore's queue folders into the bucket"),
     "failed": ("hisparc_datastore.failed", "list, inspect and retry quarantined objects"),
+    "serve": ("hisparc_datastore.serve",
+              "serve a function under gunicorn with the datastore's limits (as the images do)"),
 }
 
 

