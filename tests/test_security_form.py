@@ -2,18 +2,18 @@
 
 The form is parsed before the station and password are known, so its cost is open to
 anyone who can reach the endpoint.  Memory is bounded (fields are counted, pieces are
-generated, not listed); CPU is not yet:
+generated, not listed); CPU was not:
 
-- a body of empty pairs (``&&&...``) is split piece by piece in Python and the empty
-  pieces are not counted against ``MAX_FIELDS``: about 0.3 s per MiB;
-- a value with an invalid percent escape (``%`` not followed by two hex digits) sends
+- a body of empty pairs (``&&&...``) was split piece by piece in Python and the empty
+  pieces were not counted against ``MAX_FIELDS``: about 0.3 s per MiB;
+- a value with an invalid percent escape (``%`` not followed by two hex digits) sent
   ``percent_decode`` from its vectorised path back to the standard library's byte loop:
   about 0.6-0.9 s per MiB.
 
-With the 32 MiB body limit one request costs 10-30 s of a core (the GIL is shared, so
-concurrent stations are slowed but served).  The tests marked xfail show it; the
-property tests pin what any fix must keep: the vectorised decoding equals the standard
-library's, byte for byte.
+With the 32 MiB body limit one request cost 10-30 s of a core (the GIL is shared, so
+concurrent stations were slowed but served).  Both are fixed (docs/SECURITY.md, R3): the
+tests below keep them fixed, and the property tests pin what the fix must keep: the
+vectorised decoding equals the standard library's, byte for byte.
 """
 
 from __future__ import annotations
