@@ -28,6 +28,7 @@ from hisparc_datastore.py2pickle import dumps_py2
 from hisparc_datastore.stations import Station
 from hisparc_datastore.upload import metadata_for
 from hisparc_datastore.writer import (
+    BadOrigin,
     RetryPolicy,
     chunked,
     object_origin,
@@ -507,6 +508,8 @@ def test_origin_and_received_time() -> None:
     assert object_origin("incoming/501/a.pickle", {"station": "501", "cluster": "S%C3%A9"},
                          lookup) == (501, "Sé")
     assert object_origin("incoming/501/a.pickle", {}, lookup) == (501, "Amsterdam")
+    assert object_origin("archive/2024/01/02/7/a.pickle", {"station": "7", "cluster": "X"},
+                         lookup) == (7, "X")
     last_modified = dt.datetime(2024, 1, 2, tzinfo=dt.UTC)
     assert received_time({"received": "2024-03-02T07:30:00.000000+00:00"}, last_modified) == (
         RECEIVED
@@ -544,6 +547,27 @@ def test_object_that_trips_the_decoder_is_quarantined(
     assert result.ok and result.archived == [b]
     assert result.quarantined[a].startswith("decoder error: ZeroDivisionError")
     assert keys_under(bucket, "failed/") == [failed_key(a)]
+
+
+@pytest.mark.parametrize(("metadata", "reason"), [
+    ({"station": "502", "cluster": "Amsterdam"}, "differs from the key"),
+    ({"station": "501", "cluster": "Amsterdam%2F..%2Fother"}, "cannot name an HDF5 group"),
+    ({"station": "501", "cluster": "Ams%0Aterdam"}, "cannot name an HDF5 group"),
+])
+def test_metadata_that_contradicts_the_key_or_breaks_a_group_name_is_quarantined(
+    bucket: Bucket, settings: Settings, metadata: dict[str, str], reason: str
+) -> None:
+    """docs/SECURITY.md R10: only the upload writes incoming/, and it never does this."""
+    with pytest.raises(BadOrigin, match=reason):
+        object_origin("incoming/501/a.pickle", metadata, lambda number: None)
+    key = put_batch(bucket, samples.batch(3, dt.datetime(2024, 6, 1), random.Random(3)))
+    stored = bucket.get(key)
+    bucket.put(key, stored.body, {**stored.metadata, **metadata})
+    result = process_keys([key], bucket, settings, retry=FAST)
+    assert result.ok and list(result.quarantined) == [key]
+    assert reason in result.quarantined[key]
+    assert keys_under(bucket, "failed/") == [failed_key(key)]
+    assert not list(settings.data_dir.rglob("*.h5"))
 
 
 def test_running_out_of_memory_while_decoding_leaves_the_object_for_a_later_try(

@@ -167,6 +167,15 @@ class NoCluster(Exception):
     """Neither the metadata nor the station list names the station's cluster."""
 
 
+class BadOrigin(NoCluster):
+    """The metadata contradicts the key or names a cluster that cannot be a group name.
+
+    Only a writer of ``incoming/`` other than the upload can cause this (the upload takes
+    both from the key it writes and the station list): the object is quarantined, not
+    retried (docs/SECURITY.md, R10).
+    """
+
+
 def station_from_key(key: str) -> int | None:
     """``incoming/<station>/<md5>.pickle`` -> station number (None if not that shape)."""
     parts = key.removeprefix(INCOMING).split("/")
@@ -178,12 +187,22 @@ def station_from_key(key: str) -> int | None:
 def object_origin(
     key: str, metadata: dict[str, str], cluster_of: Callable[[int], str | None]
 ) -> tuple[int, str]:
-    """(station, cluster) of an object: metadata first, then key and station list."""
+    """(station, cluster) of an object: metadata first, then key and station list.
+
+    The cluster becomes an HDF5 group name (``cluster_<name>``), so a ``/`` (a path
+    separator there) or a control character is refused, as is a metadata station that
+    differs from the key's.
+    """
     station_text = metadata.get("station", "").strip()
-    station = int(station_text) if station_text.isdigit() else station_from_key(key)
+    in_key = station_from_key(key)
+    station = int(station_text) if station_text.isdigit() else in_key
     if station is None:
         raise NoCluster(f"no station number in the metadata or the key of {key}")
+    if in_key is not None and station != in_key:
+        raise BadOrigin(f"metadata station {station} differs from the key's {in_key}")
     cluster = urllib.parse.unquote(metadata.get("cluster", "")).strip()
+    if any(c == "/" or ord(c) < 0x20 or ord(c) == 0x7F for c in cluster):
+        raise BadOrigin(f"cluster {cluster!r} cannot name an HDF5 group")
     if not cluster:
         cluster = cluster_of(station) or ""
     if not cluster:
@@ -590,6 +609,9 @@ class _Run:
                 continue
             try:
                 station, cluster = object_origin(key, stored.metadata, self.cluster_of)
+            except BadOrigin as exc:
+                self._quarantine(stored, f"bad metadata: {short_reason(str(exc))}", result)
+                continue
             except NoCluster as exc:
                 log.error("%s: %s; left in incoming/", key, exc)
                 result.failed[key] = short_reason(str(exc))
