@@ -103,6 +103,7 @@ def datastore_env(
 
             [Writer]
             sleep = 1
+            anonymous_notifications = true
 
             [Bucket]
             endpoint = {s3_endpoint.url}

@@ -136,3 +136,12 @@ def test_the_shipped_config_loads_and_holds_no_secret() -> None:
     assert settings.aws_access_key_id is None
     text = (REPO / "functions" / "config.ini").read_text().lower()
     assert "secret" not in text.replace("no secrets", "").replace("aws_secret_access_key", "")
+
+
+def test_anonymous_notifications_is_a_boolean_off_by_default(tmp_path: Path) -> None:
+    env = write(tmp_path, MINIMAL)
+    assert load_settings(env).writer_anonymous is False
+    assert load_settings(env | {"DATASTORE_WRITER_ANONYMOUS_NOTIFICATIONS": "yes"}
+                         ).writer_anonymous is True
+    with pytest.raises(ConfigError, match=r"anonymous_notifications"):
+        load_settings(env | {"DATASTORE_WRITER_ANONYMOUS_NOTIFICATIONS": "maybe"})

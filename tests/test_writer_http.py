@@ -95,6 +95,7 @@ def write_config(directory: Path, endpoint: S3Endpoint, bucket_name: str) -> Pat
 
         [Writer]
         sleep = 1
+        anonymous_notifications = true
 
         [Bucket]
         endpoint = {endpoint.url}
@@ -318,3 +319,20 @@ def test_configuration_error_stops_start_up(s3_endpoint: S3Endpoint, tmp_path: P
     )
     assert done.returncode != 0
     assert "configuration error" in done.stderr + done.stdout
+
+
+def test_without_a_token_the_writer_refuses_to_start_unless_told(
+    s3_endpoint: S3Endpoint, tmp_path: Path
+) -> None:
+    """docs/SECURITY.md R9: a writer without a token must not quietly accept anyone."""
+    config = write_config(tmp_path, s3_endpoint, "writer-no-token")
+    config.write_text(config.read_text().replace("anonymous_notifications = true\n", ""))
+    done = subprocess.run(
+        serve_command(SOURCE, "writer", "127.0.0.1", free_port()),
+        env=environment(config, s3_endpoint), cwd=ROOT, capture_output=True, text=True,
+        timeout=120, check=False,
+    )
+    assert done.returncode != 0
+    output = done.stderr + done.stdout
+    assert "DATASTORE_WRITER_AUTH_TOKEN is not set" in output
+    assert "anonymous_notifications" in output

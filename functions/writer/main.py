@@ -60,6 +60,15 @@ def _load() -> Settings:
     except ConfigError as exc:
         raise SystemExit(f"writer function: configuration error: {exc}") from None
     setup_logging(settings)
+    if not settings.writer_auth_token and not settings.writer_anonymous:
+        raise SystemExit(
+            "writer function: configuration error: DATASTORE_WRITER_AUTH_TOKEN is not set; "
+            "set it (the notification senders present it), or set [Writer] "
+            "anonymous_notifications = true to accept notifications from anyone"
+        )
+    if not settings.writer_auth_token:
+        log.warning("no DATASTORE_WRITER_AUTH_TOKEN: notifications from anyone are accepted "
+                    "([Writer] anonymous_notifications = true)")
     return settings
 
 

@@ -41,6 +41,9 @@ class Settings:
     aws_access_key_id: str | None = None
     aws_secret_access_key: str | None = None
     writer_auth_token: str | None = None
+    #: ``[Writer] anonymous_notifications``: serve the writer without a token (tests, a
+    #: closed network).  Without it the writer refuses to start with no token set.
+    writer_anonymous: bool = False
 
 
 def _text(value: str) -> str:
@@ -66,6 +69,15 @@ def _year(value: str) -> int:
     if not 1970 <= year <= 9999:
         raise ValueError("must be a year between 1970 and 9999")
     return year
+
+
+def _boolean(value: str) -> bool:
+    text = value.strip().lower()
+    if text in ("true", "yes", "on", "1"):
+        return True
+    if text in ("false", "no", "off", "0", ""):
+        return False
+    raise ValueError(f"{value!r} is not true or false")
 
 
 def _loglevel(value: str) -> str:
@@ -97,6 +109,7 @@ _KEYS: dict[tuple[str, str], tuple[str, Callable[[str], Any], str | None]] = {
     ("General", "data_dir"): ("data_dir", lambda v: Path(v.strip()), None),
     ("General", "minimum_year"): ("minimum_year", _year, "2020"),
     ("Writer", "sleep"): ("writer_sleep", _non_negative_float, "10"),
+    ("Writer", "anonymous_notifications"): ("writer_anonymous", _boolean, "false"),
     ("Bucket", "endpoint"): ("bucket_endpoint", _endpoint, ""),
     ("Bucket", "name"): ("bucket_name", _bucket_name, None),
     ("Bucket", "region"): ("bucket_region", _text, "us-east-1"),
