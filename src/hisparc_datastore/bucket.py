@@ -232,6 +232,12 @@ class Bucket:
         (the writer's ledger makes reprocessing a no-op).  ``metadata`` replaces the
         object's metadata when given.
         """
+        self.copy(source, target, metadata)
+        self.delete(source)
+
+    def copy(self, source: str, target: str, metadata: Mapping[str, str] | None = None) -> None:
+        """Server-side copy of ``source`` to ``target``; ``metadata`` replaces the object's
+        metadata when given, else it is kept.  ObjectMissing when ``source`` is gone."""
         extra: dict[str, object] = {}
         if metadata is not None:
             extra = {"Metadata": dict(metadata), "MetadataDirective": "REPLACE"}
@@ -246,7 +252,6 @@ class Bucket:
             if _is_missing(exc):
                 raise ObjectMissing(source) from exc
             raise BucketError(f"copy {source} -> {target}: {exc}") from exc
-        self.delete(source)
 
     def delete(self, key: str) -> None:
         try:

@@ -22,8 +22,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import botocore.exceptions
-
 from .bucket import FAILED, INCOMING, RETRYING, Bucket, BucketError, ObjectMissing
 from .config import Settings, load_settings
 from .logs import setup_logging
@@ -129,22 +127,6 @@ def format_show(key: str, metadata: dict[str, str], summary: dict[str, Any]) -> 
 # ----------------------------------------------------------------------------- retry
 
 
-def _copy(bucket: Bucket, source: str, target: str, metadata: dict[str, str]) -> None:
-    """Server-side copy with new metadata (Bucket.move without its delete)."""
-    try:
-        bucket.client.copy_object(
-            Bucket=bucket.name, Key=target, CopySource={"Bucket": bucket.name, "Key": source},
-            Metadata=metadata, MetadataDirective="REPLACE",
-        )
-    except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
-        code = ""
-        if isinstance(exc, botocore.exceptions.ClientError):
-            code = str(exc.response.get("Error", {}).get("Code", ""))
-        if code in {"NoSuchKey", "404", "NotFound"}:
-            raise ObjectMissing(source) from exc
-        raise BucketError(f"copy {source} -> {target}: {short_reason(exc)}") from exc
-
-
 def _send_back(bucket: Bucket, key: str) -> str:
     """failed/X -> retrying/X -> incoming/X; returns the incoming key.
 
@@ -163,7 +145,7 @@ def _send_back(bucket: Bucket, key: str) -> str:
         clean = {k: v for k, v in metadata.items() if k not in FAILURE_METADATA}
         if "failure-reason" in metadata:
             clean["retried-after"] = metadata["failure-reason"]
-        _copy(bucket, key, holding, clean)
+        bucket.copy(key, holding, clean)
         bucket.delete(key)
     target = INCOMING + holding.removeprefix(RETRYING)
     bucket.move(holding, target)

@@ -353,10 +353,7 @@ class ObjectStore:
         return (self.direct or self.bucket).head(key)
 
     def copy(self, source: str, target: str) -> None:
-        if self.direct is not None:
-            self.direct.copy(source, target)
-        else:
-            boto_copy(self.bucket, source, target)
+        (self.direct or self.bucket).copy(source, target)
 
     def move(self, source: str, target: str, metadata: dict[str, str]) -> None:
         self.bucket.move(source, target, metadata)
@@ -766,23 +763,6 @@ def boto_delete_many(bucket: Bucket, keys: Sequence[str]) -> list[str]:
     except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
         raise BucketError(f"delete {len(keys)} objects: {exc}") from exc
     return [str(error.get("Key", "")) for error in answer.get("Errors", [])]
-
-
-def boto_copy(bucket: Bucket, source: str, target: str) -> None:
-    """Server-side copy keeping the metadata (Bucket.move also deletes the source)."""
-    import botocore.exceptions
-
-    try:
-        bucket.client.copy_object(
-            Bucket=bucket.name, Key=target, CopySource={"Bucket": bucket.name, "Key": source}
-        )
-    except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
-        code = ""
-        if isinstance(exc, botocore.exceptions.ClientError):
-            code = str(exc.response.get("Error", {}).get("Code", ""))
-        if code in {"NoSuchKey", "404", "NotFound"}:
-            raise ObjectMissing(source) from exc
-        raise BucketError(f"copy {source} -> {target}: {exc}") from exc
 
 
 def _counts(report: SkipReport) -> str:
