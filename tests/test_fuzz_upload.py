@@ -66,7 +66,7 @@ from conftest import TEST_STATIONS, S3Endpoint
 from hostile_pickles import HOSTILE, MARKER
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_upload_http import server_environment, start, stop, write_config
+from test_upload_http import server_environment, start, stop, upload_site
 
 from hisparc_datastore import samples
 from hisparc_datastore import upload as core
@@ -1122,11 +1122,7 @@ def server(s3_endpoint: S3Endpoint, tmp_path_factory: pytest.TempPathFactory
            ) -> Iterator[HttpTarget]:
     """The upload function as the image serves it (gunicorn, 1 worker, 8 threads)."""
     directory = tmp_path_factory.mktemp("fuzz-upload")
-    bucket_name = f"fuzz-upload-{uuid.uuid4().hex[:10]}"
-    config = write_config(directory, s3_endpoint, bucket_name)
-    bucket = Bucket(bucket_name, endpoint=s3_endpoint.url, access_key=s3_endpoint.access_key,
-                    secret_key=s3_endpoint.secret_key)
-    bucket.ensure_exists()
+    config, bucket = upload_site(directory, s3_endpoint, "fuzz-upload")
     env = server_environment(config, s3_endpoint, WORKERS="1", THREADS=str(THREADS),
                              IDLE_TIMEOUT_SECONDS=str(IDLE_TIMEOUT),
                              DATASTORE_UPLOAD_MAX_BODY_BYTES=str(LIMIT))

@@ -29,7 +29,15 @@ from pathlib import Path
 import pytest
 import requests
 from conftest import S3Endpoint
-from test_upload_http import PASSWORD, STATION, batch, md5, server_environment, write_config
+from test_upload_http import (
+    PASSWORD,
+    STATION,
+    batch,
+    md5,
+    server_environment,
+    upload_site,
+    write_config,
+)
 
 from hisparc_datastore import cli, serve
 from hisparc_datastore.bucket import Bucket, incoming_key
@@ -89,11 +97,7 @@ def form(data: bytes) -> bytes:
 def upload(s3_endpoint: S3Endpoint, tmp_path_factory: pytest.TempPathFactory
            ) -> Iterator[Upload]:
     directory = tmp_path_factory.mktemp("serve")
-    bucket_name = f"serve-{uuid.uuid4().hex[:10]}"
-    config = write_config(directory, s3_endpoint, bucket_name)
-    bucket = Bucket(bucket_name, endpoint=s3_endpoint.url, access_key=s3_endpoint.access_key,
-                    secret_key=s3_endpoint.secret_key)
-    bucket.ensure_exists()
+    config, bucket = upload_site(directory, s3_endpoint, "serve")
     env = server_environment(config, s3_endpoint, WORKERS="1", THREADS=str(THREADS),
                              IDLE_TIMEOUT_SECONDS=str(IDLE), GUNICORN_LOG_LEVEL="info")
     served = serve_function(SOURCE, "upload", env, directory / "upload.log", cwd=ROOT)

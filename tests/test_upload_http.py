@@ -121,6 +121,16 @@ def write_config(directory: Path, endpoint: S3Endpoint, bucket_name: str) -> Pat
     return config
 
 
+def upload_site(directory: Path, endpoint: S3Endpoint, prefix: str) -> tuple[Path, Bucket]:
+    """A config for a served upload function, and its own fresh bucket, created."""
+    bucket_name = f"{prefix}-{uuid.uuid4().hex[:10]}"
+    config = write_config(directory, endpoint, bucket_name)
+    bucket = Bucket(bucket_name, endpoint=endpoint.url, access_key=endpoint.access_key,
+                    secret_key=endpoint.secret_key)
+    bucket.ensure_exists()
+    return config, bucket
+
+
 def start(env: dict[str, str], stderr_path: Path) -> tuple[subprocess.Popen[bytes], int]:
     """Serve the upload function as its image does; the process and its port."""
     served = serve_function(SOURCE, "upload", env, stderr_path, cwd=ROOT)
@@ -134,11 +144,7 @@ def stop(process: subprocess.Popen[bytes]) -> None:
 @pytest.fixture(scope="module")
 def server(s3_endpoint: S3Endpoint, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     directory = tmp_path_factory.mktemp("upload-http")
-    bucket_name = f"upload-http-{uuid.uuid4().hex[:10]}"
-    config = write_config(directory, s3_endpoint, bucket_name)
-    bucket = Bucket(bucket_name, endpoint=s3_endpoint.url, access_key=s3_endpoint.access_key,
-                    secret_key=s3_endpoint.secret_key)
-    bucket.ensure_exists()
+    config, bucket = upload_site(directory, s3_endpoint, "upload-http")
     stderr_path = directory / "stderr.log"
     process, port = start(server_environment(config, s3_endpoint), stderr_path)
     try:
