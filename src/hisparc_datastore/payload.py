@@ -671,20 +671,25 @@ def _check_tree(batch: list[Any], budget: int) -> None:
         depth += 1
 
 
-def decode_pickle(data: bytes) -> Any:
-    """Decode any untrusted pickle through the three gates, whatever its top-level value.
-
-    For pickles that wrap a batch, such as the reference datastore's queue files
-    (:mod:`hisparc_datastore.legacy`); the same allowlist, bounds and budget apply.
-    """
+def _gated(data: bytes) -> tuple[Any, int]:
+    """Gates 1 and 2: the unpickled value, and the tree budget gate 3 allows for it."""
     if not isinstance(data, bytes | bytearray | memoryview):
         raise PayloadError("payload is not bytes")
     data = bytes(data)
     if not data:
         raise PayloadError("empty payload")
     _scan(data)
-    value = _unpickle(data)
-    _check_tree([value], _BUDGET_PER_BYTE * len(data) + _BUDGET_BASE)
+    return _unpickle(data), _BUDGET_PER_BYTE * len(data) + _BUDGET_BASE
+
+
+def decode_pickle(data: bytes) -> Any:
+    """Decode any untrusted pickle through the three gates, whatever its top-level value.
+
+    For pickles that wrap a batch, such as the reference datastore's queue files
+    (:mod:`hisparc_datastore.legacy`); the same allowlist, bounds and budget apply.
+    """
+    value, budget = _gated(data)
+    _check_tree([value], budget)
     return value
 
 
@@ -697,19 +702,13 @@ def decode_batch(data: bytes) -> list[dict[str, Any]]:
     header, datetime or datalist is the writer's to skip, not a reason to refuse a batch
     (refusing blocks the station's upload queue for good).
     """
-    if not isinstance(data, bytes | bytearray | memoryview):
-        raise PayloadError("payload is not bytes")
-    data = bytes(data)
-    if not data:
-        raise PayloadError("empty payload")
-    _scan(data)
-    batch = _unpickle(data)
+    batch, budget = _gated(data)
     if type(batch) is not list:
         raise PayloadError(f"payload is a {_short(type(batch).__name__, 40)}, not a list")
     for event in batch:
         if type(event) is not dict:
             raise PayloadError("an event is not a dict")
-    _check_tree(batch, _BUDGET_PER_BYTE * len(data) + _BUDGET_BASE)
+    _check_tree(batch, budget)
     return batch
 
 
