@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -171,17 +170,10 @@ class SeaweedS3:
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop the server by its PID (and its process group), gracefully first."""
-        if self.process is None or self.process.poll() is not None:
-            return
-        try:
-            os.killpg(self.process.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            return
-        try:
-            self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait(timeout)
+        from .served import stop_process  # served imports this module
+
+        if self.process is not None:
+            stop_process(self.process, timeout)
 
     def __enter__(self) -> SeaweedS3:
         self.start()
