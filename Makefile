@@ -4,8 +4,16 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# The decoder's tests once more on the distribution's own interpreter (Debian 12: 3.11.2),
+# in a venv of its own: decoding must not depend on the patch level (docs/SECURITY.md).
+SYSTEM_PYTHON ?= /usr/bin/python3.11
+SYSTEM_VENV ?= .venv-system
+SYSTEM_BIN := $(SYSTEM_VENV)/bin
+SYSTEM_STAMP := $(SYSTEM_VENV)/.installed
+DECODING_TESTS := tests/test_payload.py tests/test_security_payload.py \
+    tests/test_security_memory.py tests/test_py2pickle.py tests/test_upload.py
 
-.PHONY: venv test lint run bench clean
+.PHONY: venv test test-system-python lint run bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +27,16 @@ test: $(STAMP)
 	$(BIN)/ruff check src functions tests bench
 	$(BIN)/python -m pytest
 
+$(SYSTEM_STAMP): pyproject.toml
+	$(SYSTEM_PYTHON) -m venv $(SYSTEM_VENV)
+	$(SYSTEM_BIN)/python -m pip install --quiet --upgrade pip
+	$(SYSTEM_BIN)/python -m pip install --quiet -e ".[test]"
+	touch $(SYSTEM_STAMP)
+
+test-system-python: $(SYSTEM_STAMP)
+	$(SYSTEM_BIN)/python --version
+	$(SYSTEM_BIN)/python -m pytest $(DECODING_TESTS)
+
 lint: $(STAMP)
 	$(BIN)/ruff check src functions tests bench
 
@@ -29,4 +47,4 @@ bench: $(STAMP)
 	$(BIN)/python bench/run.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(SYSTEM_VENV) .pytest_cache .ruff_cache

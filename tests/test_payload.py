@@ -12,11 +12,17 @@ import datetime as dt
 import json
 import pickle
 import random
+import re
 import string
 import subprocess
 import sys
 import textwrap
+import time
+import tracemalloc
+from collections.abc import Iterator
 from pathlib import Path
+from re import _constants as sre  # the regex parser's own opcodes (3.11+)
+from re import _parser as sre_parse
 from typing import Any
 
 import numpy as np
@@ -30,6 +36,7 @@ from hisparc_datastore.payload import (
     MAX_DEPTH,
     PayloadError,
     decode_batch,
+    decode_pickle,
     event_datetime,
     event_datetimes,
     is_suspicious,
@@ -335,6 +342,225 @@ def test_both_ways_of_listing_children_agree() -> None:
     assert missing == ["a", "b"]
     assert all(any(x is y for y in full) for x in fast)
     assert payload._children is payload._children_referents
+
+
+# --- the opcode scan on every interpreter the project admits (gh-106052) ----------------
+
+
+@pytest.mark.parametrize("length", [255, 256, 257, 4096, 65_536])
+@pytest.mark.parametrize("protocol", range(pickle.HIGHEST_PROTOCOL + 1))
+def test_strings_longer_than_one_token_decode(protocol: int, length: int) -> None:
+    """255 characters is the longest string a run takes as one token; a longer one takes a
+    step of the scan, where CPython 3.11.0-3.11.4 refused every Python 3 pickle (208)."""
+    batch = wrap(["t" * length, b"b" * length, "\u00e9" * length])
+    assert decode_batch(pickle.dumps(batch, protocol=protocol)) == batch
+    assert decode_batch(dumps_py2(batch))[0]["datalist"][0]["data"][0] == "t" * length
+
+
+def test_self_check_passes_on_this_interpreter_in_a_few_milliseconds() -> None:
+    timings = []
+    for _ in range(3):
+        started = time.perf_counter()
+        assert payload.self_check() is None
+        timings.append(time.perf_counter() - started)
+    assert min(timings) < 0.05  # measured 1-2 ms; both functions run it at start-up
+
+
+def test_self_check_names_the_interpreter_and_what_was_refused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The scan as CPython 3.11.0-3.11.4 ran it: a run that met a long string ended one
+    byte into it, and the string's length bytes were taken for opcodes."""
+    real_run_end = payload._run_end
+
+    def run_end_before_3_11_5(run: Any, data: bytes, pos: int) -> int:
+        end = real_run_end(run, data, pos)
+        return end + 1 if data[end : end + 1] == b"X" else end
+
+    monkeypatch.setattr(payload, "_run_end", run_end_before_3_11_5)
+    with pytest.raises(RuntimeError) as failed:
+        payload.self_check()
+    message = str(failed.value)
+    version = ".".join(map(str, sys.version_info[:3]))
+    assert message.startswith(f"decoder self-check failed on Python {version}: ")
+    assert "a Python 3 protocol-3 batch was refused (PayloadError: pickle opcode 0x01" in message
+    assert "a Python 3 protocol-4 batch was refused" in message
+    assert "protocol-0 batch" not in message  # text pickles never stop at an X
+
+
+def test_self_check_notices_a_refusal_for_another_reason(monkeypatch: pytest.MonkeyPatch) -> None:
+    harmless = payload._Global("system", lambda *args: "did not run")
+    monkeypatch.setitem(payload._GLOBALS, ("os", "system"), harmless)
+    with pytest.raises(
+        RuntimeError,
+        match=r"os\.system in a protocol-0 pickle was refused for "
+        r"another reason \(payload is a str, not a list\)",
+    ):
+        payload.self_check()
+
+
+#: The scan's run regexes: (compiled, argumentless opcodes, tokens) as _runs got them.
+RUNS = {
+    "text": (payload._TEXT_RUN, payload._TEXT_ARGLESS, payload._TEXT_TOKENS),
+    "safe": (payload._SAFE_RUN, payload._SAFE_ARGLESS, payload._SAFE_TOKENS),
+    "uncounted": (payload._UNCOUNTED_RUN, payload._UNCOUNTED_ARGLESS, payload._ARGUMENT_TOKENS),
+}
+_REPEATS = (sre.MAX_REPEAT, sre.MIN_REPEAT, sre.POSSESSIVE_REPEAT)
+
+
+def _walk(items: Any) -> Iterator[tuple[Any, Any]]:
+    """Every (opcode, argument) of a parsed regex, nested ones included."""
+    for op, av in items:
+        yield op, av
+        if op in _REPEATS:
+            yield from _walk(av[2])
+        elif op is sre.BRANCH:
+            for alternative in av[1]:
+                yield from _walk(alternative)
+        elif op is sre.SUBPATTERN:
+            yield from _walk(av[3])
+        elif op is sre.ATOMIC_GROUP:
+            yield from _walk(av)
+        elif op in (sre.ASSERT, sre.ASSERT_NOT):
+            yield from _walk(av[1])
+
+
+def _set_bytes(members: Any) -> set[int]:
+    """The bytes a parsed character set ([...]) matches."""
+    found: set[int] = set()
+    negate = False
+    for op, av in members:
+        if op is sre.LITERAL:
+            found.add(av)
+        elif op is sre.RANGE:
+            found.update(range(av[0], av[1] + 1))
+        elif op is sre.NEGATE:
+            negate = True
+        elif op is sre.CATEGORY and av in (sre.CATEGORY_SPACE, sre.CATEGORY_NOT_SPACE):
+            space = set(b" \t\n\r\f\v")
+            found.update(space if av is sre.CATEGORY_SPACE else set(range(256)) - space)
+        else:
+            raise AssertionError(f"unexpected {op} {av} in a character set")
+    return set(range(256)) - found if negate else found
+
+
+def _first_bytes(items: Any) -> set[int]:
+    """The bytes a match of a parsed sequence can start with; it must not match empty."""
+    found: set[int] = set()
+    for op, av in items:
+        if op is sre.LITERAL:
+            return found | {av}
+        if op is sre.NOT_LITERAL:
+            return found | (set(range(256)) - {av})
+        if op is sre.IN:
+            return found | _set_bytes(av)
+        if op is sre.BRANCH:
+            return found | set().union(*map(_first_bytes, av[1]))
+        if op is sre.SUBPATTERN:
+            return found | _first_bytes(av[3])
+        if op is sre.MAX_REPEAT:
+            found |= _first_bytes(av[2])
+            if av[0] > 0:
+                return found
+            continue
+        raise AssertionError(f"unexpected {op}")
+    raise AssertionError("this part of the regex can match nothing at all")
+
+
+@pytest.mark.parametrize("name", list(RUNS))
+def test_runs_have_no_possessive_repeat_or_atomic_group_and_are_capped(name: str) -> None:
+    """Possessive repeats and atomic groups are wrong on 3.11.0-3.11.4; a greedy repetition
+    of a group holds a frame per repetition, so it must have a cap."""
+    tree = sre_parse.parse(RUNS[name][0].pattern)
+    for op, av in _walk(tree):
+        assert op not in (sre.POSSESSIVE_REPEAT, sre.ATOMIC_GROUP)
+        if op in _REPEATS and av[2].getwidth() != (1, 1):
+            assert av[1] <= payload._RUN_TOKENS
+
+
+@pytest.mark.parametrize("name", list(RUNS))
+def test_run_alternatives_start_with_bytes_of_their_own(name: str) -> None:
+    """What makes the greedy runs match what possessive ones did: at any position at most
+    one alternative, or the argumentless opcodes, can fit (see payload._runs)."""
+    run, argless, _ = RUNS[name]
+    (lead, (_, _, lead_item)), (repeat_op, (low, high, body)) = sre_parse.parse(run.pattern)
+    (branch, (_, alternatives)), (tail, (_, _, tail_item)) = body
+    assert (lead, repeat_op, branch, tail) == (sre.MAX_REPEAT, sre.MAX_REPEAT, sre.BRANCH,
+                                               sre.MAX_REPEAT)  # fmt: skip
+    assert (low, high) == (0, payload._RUN_TOKENS)
+    assert (
+        _first_bytes(lead_item)
+        == _first_bytes(tail_item)
+        == _set_bytes(sre_parse.parse(argless)[0][1])
+    )
+    starts = [_first_bytes(lead_item), *map(_first_bytes, alternatives)]
+    assert len(starts) >= 6  # the argumentless opcodes and at least five tokens
+    for index, start in enumerate(starts):
+        for other in starts[index + 1 :]:
+            assert not start & other, sorted(start & other)
+
+
+def _scan_inputs() -> list[bytes]:
+    rng = random.Random(106052)
+    batch = samples.realistic_batch(30, START, rng)
+    flavoured = samples.numpy_flavour(batch)
+    inputs = [dumps_py2(batch)]
+    inputs += [pickle.dumps(flavoured, protocol=protocol) for protocol in (2, 3, 4, 5)]
+    inputs += [data for _, data in HOSTILE if len(data) < 50_000]
+    inputs += [rng.randbytes(20_000), bytes(rng.choice(b"(]}qhKXC\x8c\x94r0aesu.") for _ in
+               range(20_000))]  # fmt: skip
+    inputs.append(b"(l" + b"I7\na" * (payload._RUN_TOKENS + 10) + b".")
+    return inputs
+
+
+@pytest.mark.skipif(
+    sys.version_info < (3, 11, 5),
+    reason="the possessive runs, the reference here, are wrong before 3.11.5 (gh-106052)",
+)
+@pytest.mark.parametrize("name", list(RUNS))
+def test_runs_end_where_the_possessive_runs_they_replace_end(name: str) -> None:
+    """From every position where a run ends (and the byte after it), on real, hostile and
+    random bytes: the greedy, capped runs stop exactly where the possessive ones did."""
+    run, argless, tokens = RUNS[name]
+    possessive = tokens.replace(rb"[^\n]*\n", rb"[^\n]*+\n")
+    reference = re.compile(rb"(?:%s*+(?:%s))*+%s*+" % (argless, possessive, argless)).match
+    compared = 0
+    for data in _scan_inputs():
+        pos = 0
+        while pos < len(data):
+            end = payload._run_end(run.match, data, pos)
+            assert end == reference(data, pos).end(), (data[:40], pos)  # type: ignore[union-attr]
+            compared += 1
+            pos = end + 1
+    assert compared > 10_000
+
+
+@pytest.mark.parametrize(
+    "tokens",
+    [payload._RUN_TOKENS - 1, payload._RUN_TOKENS, payload._RUN_TOKENS + 1,
+     2 * payload._RUN_TOKENS + 1],
+)  # fmt: skip
+def test_runs_longer_than_one_regex_call(tokens: int) -> None:
+    text = b"(l" + b"I7\na" * tokens + b"."
+    binary = b"\x80\x02]" + b"K\x07a" * tokens + b"."
+    assert decode_pickle(text) == decode_pickle(binary) == [7] * tokens
+    # What comes after a cap is checked like anything else.
+    for data in (text[:-1] + b"Pid\n.", binary[:-1] + b"\x82\x01."):
+        with pytest.raises(PayloadError, match="not allowed"):
+            decode_pickle(data)
+
+
+def test_a_long_run_holds_little_memory() -> None:
+    """The matcher keeps a frame per repetition until the call returns (about 200 bytes):
+    without the cap, this 2 MiB run alone would hold about 140 MiB."""
+    data = b"\x80\x02]" + b"K\x07a" * 700_000 + b"."
+    tracemalloc.start()
+    try:
+        payload._scan(data)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 * 2**20
 
 
 # --- questions about decoded events ----------------------------------------------------

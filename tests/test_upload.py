@@ -9,17 +9,20 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import importlib.util
 import pickle
 import random
 import socket
+import sys
 import urllib.parse
+from pathlib import Path
 
 import pytest
 import requests
 from conftest import TEST_STATIONS
 from hostile_pickles import HOSTILE, MARKER
 
-from hisparc_datastore import samples
+from hisparc_datastore import payload, samples
 from hisparc_datastore import upload as core
 from hisparc_datastore.bucket import Bucket, incoming_key, suspicious_key
 from hisparc_datastore.config import Settings
@@ -115,6 +118,19 @@ def test_python3_pickle_with_numpy_scalars_is_stored_byte_for_byte(
         "received": "2024-03-01T12:30:05.250000+00:00",
     }
     assert decode_batch(stored.body) == decode_batch(dumps_py2(batch))
+
+
+def test_pysparc_coincidences_with_traces_are_stored(upload, bucket: Bucket) -> None:
+    """Protocol 3 with numpy scalars and traces of thousands of characters, as PySPARC
+    sends them: CPython 3.11.0-3.11.4 answered every such batch 208 (gh-106052)."""
+    batch = samples.batch(3, dt.datetime(2024, 3, 1, 12, 0, 0), random.Random(3))
+    data = pickle.dumps(samples.numpy_flavour(batch), protocol=3)
+    traces = [item["data"] for event in batch for item in event["datalist"]
+              if item["data_uploadcode"] in ("TR1", "TR2", "TR3", "TR4")]  # fmt: skip
+    assert len(traces) == 12 and min(map(len, traces)) >= 256
+    answer = upload(form(data))
+    assert (answer.code, answer.events) == ("100", 3), answer.reason
+    assert bucket.get(answer.key).body == data
 
 
 @pytest.mark.parametrize("encoding", ["text", "raw"])
@@ -293,6 +309,33 @@ def test_every_hostile_pickle_is_208_and_nothing_runs(upload, bucket: Bucket) ->
     assert wrong == []
     assert keys(bucket) == []
     assert not MARKER.exists()
+
+
+# --- start-up ----------------------------------------------------------------------------
+
+MAIN = Path(__file__).resolve().parents[1] / "functions" / "upload" / "main.py"
+
+
+def test_a_decoder_that_fails_its_self_check_stops_the_upload_function(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The check runs before the configuration is read (none is set here): a function
+    whose decoder is wrong never answers a station."""
+
+    def self_check() -> None:
+        raise RuntimeError("decoder self-check failed on Python 3.11.2: a Python 3 batch ...")
+
+    monkeypatch.setattr(payload, "self_check", self_check)
+    monkeypatch.delenv("DATASTORE_CONFIG", raising=False)
+    spec = importlib.util.spec_from_file_location("upload_main_self_check", MAIN)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)
+    with pytest.raises(SystemExit) as stopped:
+        spec.loader.exec_module(module)
+    assert str(stopped.value) == (
+        "upload function: decoder self-check failed on Python 3.11.2: a Python 3 batch ..."
+    )
 
 
 # --- bucket down ------------------------------------------------------------------------------

@@ -7,6 +7,11 @@ protocol's ``text/plain`` response with one log line.  Decisions made here:
 - Configuration is loaded when the module is imported, which functions-framework does
   before it starts serving: a bad or missing key stops the process with a message naming
   the key, instead of a function that answers every station with an error.
+- Before that, the decoder checks itself on this interpreter
+  (:func:`hisparc_datastore.payload.self_check`): an interpreter that decodes wrongly
+  (CPython 3.11.0-3.11.4 refused every Python 3 pickle with a trace) stops the process
+  with a message naming its version, instead of answering stations ``208`` for batches
+  they would then resend for ever.
 - A body whose Content-Length is over the limit is refused before any of it is read,
   with HTTP 413 and the body ``400`` (stations read only the body; ``400`` is the spec's
   "body unreadable").  The response is streamed so functions-framework's after-request
@@ -39,6 +44,7 @@ import time
 import flask
 import functions_framework
 
+from hisparc_datastore import payload
 from hisparc_datastore import upload as core
 from hisparc_datastore.bucket import Bucket
 from hisparc_datastore.config import ConfigError, Settings, load_settings
@@ -77,6 +83,14 @@ def _store(settings: Settings) -> core.ObjectStore:
     return Bucket.from_settings(settings, **BUCKET_OPTIONS)
 
 
+def _check_decoder() -> None:
+    """Stop the start on an interpreter that decodes wrongly (see the module docstring)."""
+    try:
+        payload.self_check()
+    except RuntimeError as exc:
+        raise SystemExit(f"upload function: {exc}") from None
+
+
 def _load() -> tuple[Settings, StationList]:
     try:
         settings = load_settings()
@@ -91,6 +105,7 @@ def _load() -> tuple[Settings, StationList]:
     return settings, StationList(settings.station_list)
 
 
+_check_decoder()
 SETTINGS, STATIONS = _load()
 
 # Created before gunicorn forks its workers, so that no worker pays for setting up the

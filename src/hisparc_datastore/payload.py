@@ -10,11 +10,13 @@ payload passes three gates, each cheap next to the unpickling itself:
 1. **Opcode scan**, before any object exists.  A protocol-0 pickle (what Python 2 stations
    send) is matched by a regular expression of the opcodes such pickles hold; any other
    pickle by runs of a regular expression of safe tokens, with a Python step only for the
-   rare token that needs arithmetic.  Refused: opcodes no station needs (persistent ids,
-   extension codes, out-of-band buffers, sets, bytearrays, INST/OBJ/NEWOBJ), lengths that
-   run past the data, memo indices that would blow up the memo, ints wider than 128 bits,
-   over 10,000 tuples other than call arguments, protocols above 5, bytes after STOP,
-   and more than one container per 4 bytes.
+   rare token that needs arithmetic.  The expressions are plain greedy ones with nothing
+   to backtrack into (no possessive quantifiers: CPython got those wrong before 3.11.5),
+   and :func:`self_check` tries the decoder on the running interpreter.  Refused: opcodes
+   no station needs (persistent ids, extension codes, out-of-band buffers, sets,
+   bytearrays, INST/OBJ/NEWOBJ), lengths that run past the data, memo indices that would
+   blow up the memo, ints wider than 128 bits, over 10,000 tuples other than call
+   arguments, protocols above 5, bytes after STOP, and more than one container per 4 bytes.
 2. **Restricted unpickling** by CPython's C unpickler, whose ``find_class`` knows exactly
    the globals real stations use (spec section 2) and maps each to a stand-in that checks
    its arguments: numpy's own unpickling machinery never runs on network data.
@@ -38,7 +40,8 @@ import gc
 import pickle
 import pickletools
 import re
-from collections.abc import Iterable, Sequence
+import sys
+from collections.abc import Callable, Iterable, Sequence
 from itertools import chain, compress, repeat
 from operator import is_
 from typing import Any
@@ -53,6 +56,7 @@ __all__ = [
     "event_datetime",
     "event_datetimes",
     "is_suspicious",
+    "self_check",
 ]
 
 
@@ -96,15 +100,48 @@ _FAST_MEMO_DIGITS = 6
 _MAX_FREE_TUPLES = 10_000
 
 _TUPLE_BYTES = frozenset(b"t\x85\x86\x87")  # TUPLE, TUPLE1, TUPLE2, TUPLE3
+#: A compiled run regex's ``match``: (data, position) -> the run found there.
+_Matcher = Callable[[bytes, int], "re.Match[bytes] | None"]
+
+
+#: Tokens one call of a run regex takes at most.  CPython's matcher keeps a backtracking
+#: frame for every repetition of a group until the call returns, about 200 bytes each:
+#: uncapped, one run over 8 MiB of two-byte tokens held 554 MiB.  Capped, a call holds
+#: at most 0.85 MiB, and the scan calls again where a run stopped at the cap
+#: (:func:`_run_end`).
+_RUN_TOKENS = 4096
 
 
 def _runs(argless: bytes, tokens: bytes) -> re.Pattern[bytes]:
-    """Regex for a run of argumentless opcodes and tokens, as long as possible.
+    """Regex for a run of tokens and argumentless opcodes, as long as possible (up to the cap).
 
-    Possessive repetition and distinct first bytes leave nothing to backtrack into: the
-    match is linear.
+    A plain greedy repetition of one token and the argumentless opcodes after it, with no
+    possessive quantifier or atomic group: CPython 3.11.0-3.11.4 match those wrongly when
+    the repeated group can backtrack (gh-106052, fixed in 3.11.5), and a group of
+    alternatives can.  There a run that met a string of 256 characters or more ended one
+    byte into it, so every Python 3 pickle with a trace was refused.
+
+    Greedy matches the same, in one pass.  Every alternative of ``tokens`` starts with
+    bytes that no other one, and no argumentless opcode, starts with, and each matches in
+    one way only, so at most one fits at any position and ``argless*`` can only stop where
+    a token or the end of the run begins.  Nothing follows the repetition, so the first
+    token that does not fit ends the match where it stands: there is never a choice to go
+    back to.
     """
-    return re.compile(rb"(?:%s*+(?:%s))*+%s*+" % (argless, tokens, argless))
+    return re.compile(rb"%s*(?:(?:%s)%s*){0,%d}" % (argless, tokens, argless, _RUN_TOKENS))
+
+
+def _run_end(run: _Matcher, data: bytes, pos: int) -> int:
+    """Where the run of tokens from ``pos`` ends, across as many regex calls as it takes.
+
+    A call takes at most :data:`_RUN_TOKENS` tokens of at least one byte each, so a call
+    that advanced fewer bytes than that ended on its own, and the run ends there.
+    """
+    while True:
+        end = run(data, pos).end()  # type: ignore[union-attr]  # a run may be empty
+        if end - pos < _RUN_TOKENS:
+            return end
+        pos = end
 
 
 def _counted_short(opcode: bytes, lengths: range, width: int = 1) -> bytes:
@@ -119,7 +156,7 @@ def _counted_short(opcode: bytes, lengths: range, width: int = 1) -> bytes:
 #: Opcodes with a line argument as protocol 0 writes them: STRING and UNICODE lines (their
 #: newlines are always escaped), bounded PUT, bounded INT/FLOAT/LONG/GET, GLOBAL.
 _LINE_TOKENS = (
-    rb"[SV][^\n]*+\n"
+    rb"[SV][^\n]*\n"
     rb"|p[0-9]{1,%d}\n" % _FAST_MEMO_DIGITS + rb"|[IFLg][^\n]{1,44}\n"
     rb"|c[^\n]{1,256}\n[^\n]{1,256}\n"
 )
@@ -129,26 +166,30 @@ _CALL_TUPLE = rb"[t\x85-\x87](?:" + _SMALL_MEMO_PUT + rb")?R"
 #: A protocol-0 pickle as Python 2's cPickle and Python 3's pickler write it is runs of
 #: these, a TUPLE for other uses now and then (which ends a run, to be counted), and a
 #: final STOP.
-_TEXT_RUN = _runs(rb"[(dlsaRNb]", _LINE_TOKENS + rb"|" + _CALL_TUPLE)
+_TEXT_ARGLESS = rb"[(dlsaRNb]"
+_TEXT_TOKENS = _LINE_TOKENS + rb"|" + _CALL_TUPLE
+_TEXT_RUN = _runs(_TEXT_ARGLESS, _TEXT_TOKENS)
 
 #: Tokens of any protocol that are safe without a closer look.  Everything else (long
 #: strings, 8-byte lengths, large memo indices, refused opcodes, STOP) ends a run and goes
 #: through :func:`_step`; other tuple opcodes end a run to be counted.
 _ARGUMENT_TOKENS = rb"|".join(
-    (
-        rb"[hKq][\s\S]|M[\s\S]{2}|[Jj][\s\S]{4}|G[\s\S]{8}",
-        _counted_short(b"\x8c", range(256)),  # SHORT_BINUNICODE
+    (  # in the order of how often real pickles hold them: the matcher tries them in turn
         rb"r[\s\S]{2}[\x00-\x0f]\x00",  # LONG_BINPUT below 2**20
-        rb"\x80[\x00-\x05]",  # PROTO 0..5
+        rb"[hKq][\s\S]",  # BINGET, BININT1, BINPUT
         _counted_short(b"C", range(256)),  # SHORT_BINBYTES
-        _counted_short(b"U", range(256)),  # SHORT_BINSTRING
         _counted_short(b"X", range(256), 4),  # BINUNICODE, short
+        _counted_short(b"\x8c", range(256)),  # SHORT_BINUNICODE
+        rb"M[\s\S]{2}|[Jj][\s\S]{4}|G[\s\S]{8}",
+        rb"\x80[\x00-\x05]",  # PROTO 0..5
+        _counted_short(b"U", range(256)),  # SHORT_BINSTRING
         _counted_short(b"\x8a", range(17)),  # LONG1 up to 128 bits
         _LINE_TOKENS,
     )
 )
-_SAFE_TOKENS = _CALL_TUPLE + rb"|" + _ARGUMENT_TOKENS
-_SAFE_RUN = _runs(rb"[(012NRbaedlsu}\])\x88\x89\x93\x94]", _SAFE_TOKENS)
+_SAFE_TOKENS = _ARGUMENT_TOKENS + rb"|" + _CALL_TUPLE
+_SAFE_ARGLESS = rb"[(012NRbaedlsu}\])\x88\x89\x93\x94]"
+_SAFE_RUN = _runs(_SAFE_ARGLESS, _SAFE_TOKENS)
 
 
 # Opcode argument kinds for the token-by-token step.
@@ -272,7 +313,7 @@ def _scan_text(data: bytes) -> bool:
     run = _TEXT_RUN.match
     free = pos = 0
     while True:
-        pos = run(data, pos).end()  # type: ignore[union-attr]  # a run may be empty
+        pos = _run_end(run, data, pos)
         if pos >= size:
             return False
         if data[pos] == 0x74:  # TUPLE
@@ -294,7 +335,7 @@ def _scan_any(data: bytes) -> None:
     steps_left = size // 128 + 1024  # real pickles need one per string >= 256 bytes
     free = pos = 0
     while True:
-        pos = run(data, pos).end()  # type: ignore[union-attr]  # a run may be empty
+        pos = _run_end(run, data, pos)
         if pos >= size:
             raise PayloadError("truncated pickle (no STOP)")
         op = data[pos]
@@ -328,7 +369,8 @@ _BYTES_PER_CONTAINER = 4
 _CONTAINER_BASE = 65_536
 _CONTAINER_BYTES = frozenset(_CONTAINER_OPCODES)
 #: :data:`_SAFE_RUN` with the counted opcodes taken out, to stop on each of them.
-_UNCOUNTED_RUN = _runs(rb"[012NRbaedlsu)\x88\x89\x93\x94]", _ARGUMENT_TOKENS)
+_UNCOUNTED_ARGLESS = rb"[012NRbaedlsu)\x88\x89\x93\x94]"
+_UNCOUNTED_RUN = _runs(_UNCOUNTED_ARGLESS, _ARGUMENT_TOKENS)
 
 
 def _count_containers(data: bytes, limit: int) -> int:
@@ -341,7 +383,7 @@ def _count_containers(data: bytes, limit: int) -> int:
     run = _UNCOUNTED_RUN.match
     count = pos = 0
     while count <= limit:
-        pos = run(data, pos).end()  # type: ignore[union-attr]  # a run may be empty
+        pos = _run_end(run, data, pos)
         op = data[pos]
         if op in _CONTAINER_BYTES:
             count += 1
@@ -737,3 +779,154 @@ def is_suspicious(events: Iterable[Any], minimum_year: int) -> bool:
         if when is not None and when.year < minimum_year:
             return True
     return False
+
+
+# --- self-check ------------------------------------------------------------------------
+
+#: A trace as stations send it (base64 text), 304 characters: more than the 255 a run
+#: takes as one token, so each payload below takes the scan's step for a long string,
+#: which is where CPython 3.11.0-3.11.4 refused them all.
+_CHECK_TRACE = "eJzt" + "0123456789+/" * 25
+_CHECK_TRACE_BYTES = _CHECK_TRACE.encode("ascii")
+_CHECK_WHEN = _dt.datetime(2024, 5, 1, 12, 0, 7)
+
+#: One coincidence as hsmonitor's Python 2 cPickle.dumps writes it: protocol 0.
+_CHECK_PY2 = (
+    b"(lp0\n(dp1\nS'header'\np2\n(dp3\nS'eventtype_uploadcode'\np4\nS'CIC'\np5\nsS'datetime'\np6"
+    b"\ncdatetime\ndatetime\np7\n(S'\\x07\\xe8\\x05\\x01\\x0c\\x00\\x07\\x00\\x00\\x00'\np8\ntp9"
+    b"\nRp10\nsS'nanoseconds'\np11\nI123456789\nssS'datalist'\np12\n(lp13\n(dp14\nS'data_"
+    b"uploadcode'\np15\nS'TR1'\np16\nsS'data'\np17\nS'"
+    + _CHECK_TRACE_BYTES
+    + b"'\np18\nsa(dp19\ng15\nS'PH1'\np20\nsg17\nI812\nsa(dp21\ng15\nS'EVENTRATE'\np22\nsg17\nF0."
+    b"8125\nsa(dp23\ng15\nS'RED'\np24\nsg17\nI00\nsasa."
+)
+
+#: The same as PySPARC sends it: protocol 3, numbers as numpy scalars (numpy 1 spelling).
+_CHECK_PY3 = (
+    b"\x80\x03]q\x00}q\x01(X\x06\x00\x00\x00headerq\x02}q\x03(X\x14\x00\x00\x00eventtype_"
+    b"uploadcodeq\x04X\x03\x00\x00\x00CICq\x05X\x08\x00\x00\x00datetimeq\x06cdatetime\ndatetime\n"
+    b"q\x07C\n\x07\xe8\x05\x01\x0c\x00\x07\x00\x00\x00q\x08\x85q\x09Rq\nX\x0b\x00\x00\x00"
+    b"nanosecondsq\x0bcnumpy.core.multiarray\nscalar\nq\x0ccnumpy\ndtype\nq\x0dX\x02\x00\x00\x00"
+    b"i8q\x0e\x89\x88\x87q\x0fRq\x10(K\x03X\x01\x00\x00\x00<q\x11NNNJ\xff\xff\xff\xffJ\xff\xff"
+    b"\xff\xffK\x00tq\x12bC\x08\x15\xcd[\x07\x00\x00\x00\x00q\x13\x86q\x14Rq\x15uX\x08\x00\x00"
+    b"\x00datalistq\x16]q\x17(}q\x18(X\x0f\x00\x00\x00data_uploadcodeq\x19X\x03\x00\x00\x00"
+    b"TR1q\x1aX\x04\x00\x00\x00dataq\x1bX0\x01\x00\x00"
+    + _CHECK_TRACE_BYTES
+    + b"q\x1cu}q\x1d(h\x19X\x03\x00\x00\x00PH1q\x1eh\x1bh\x0ch\x0dX\x02\x00\x00\x00i4q\x1f\x89"
+    b'\x88\x87q Rq!(K\x03h\x11NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00tq"bC\x04,\x03\x00\x00q'
+    b"#\x86q$Rq%u}q&(h\x19X\x09\x00\x00\x00EVENTRATEq'h\x1bh\x0ch\x0dX\x02\x00\x00\x00f8q(\x89"
+    b"\x88\x87q)Rq*(K\x03h\x11NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00tq+bC\x08\x00\x00\x00"
+    b"\x00\x00\x00\xea?q,\x86q-Rq.u}q/(h\x19X\x03\x00\x00\x00REDq0h\x1bh\x0ch\x0dX\x02\x00\x00"
+    b"\x00b1q1\x89\x88\x87q2Rq3(K\x03X\x01\x00\x00\x00|q4NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xff"
+    b"K\x00tq5bC\x01\x00q6\x86q7Rq8ueua."
+)
+
+#: The same pickled by Python 3.8+ with numpy 2: protocol 4 (framed, MEMOIZE, STACK_GLOBAL).
+_CHECK_PY4 = (
+    b"\x80\x04\x95\x02\x03\x00\x00\x00\x00\x00\x00]\x94}\x94(\x8c\x06header\x94}\x94(\x8c\x14"
+    b"eventtype_uploadcode\x94\x8c\x03CIC\x94\x8c\x08datetime\x94h\x06\x8c\x08datetime\x94\x93"
+    b"\x94C\n\x07\xe8\x05\x01\x0c\x00\x07\x00\x00\x00\x94\x85\x94R\x94\x8c\x0bnanoseconds\x94"
+    b"\x8c\x16numpy._core.multiarray\x94\x8c\x06scalar\x94\x93\x94\x8c\x05numpy\x94\x8c\x05"
+    b"dtype\x94\x93\x94\x8c\x02i8\x94\x89\x88\x87\x94R\x94(K\x03\x8c\x01<\x94NNNJ\xff\xff\xff\xff"
+    b"J\xff\xff\xff\xffK\x00t\x94bC\x08\x15\xcd[\x07\x00\x00\x00\x00\x94\x86\x94R\x94u\x8c\x08"
+    b"datalist\x94]\x94(}\x94(\x8c\x0fdata_uploadcode\x94\x8c\x03TR1\x94\x8c\x04data\x94X0\x01"
+    b"\x00\x00"
+    + _CHECK_TRACE_BYTES
+    + b"\x94u}\x94(h\x1e\x8c\x03PH1\x94h h\x0fh\x12\x8c\x02i4\x94\x89\x88\x87\x94R\x94(K\x03h\x16"
+    b"NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00t\x94bC\x04,\x03\x00\x00\x94\x86\x94R\x94u}\x94("
+    b"h\x1e\x8c\x09EVENTRATE\x94h h\x0fh\x12\x8c\x02f8\x94\x89\x88\x87\x94R\x94(K\x03h\x16NNNJ"
+    b"\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00t\x94bC\x08\x00\x00\x00\x00\x00\x00\xea?\x94\x86\x94"
+    b"R\x94u}\x94(h\x1e\x8c\x03RED\x94h h\x0fh\x12\x8c\x02b1\x94\x89\x88\x87\x94R\x94(K\x03"
+    b"\x8c\x01|\x94NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00t\x94bC\x01\x00\x94\x86\x94R\x94ueua."
+)
+
+
+def _check_batch(numpy_scalars: bool) -> list[dict[str, Any]]:
+    """What the three payloads above decode to, with their numbers as numpy scalars or not."""
+    nanoseconds, height, rate, red = 123456789, 812, 0.8125, False
+    if numpy_scalars:
+        nanoseconds, height, rate, red = (
+            np.int64(nanoseconds),
+            np.int32(height),
+            np.float64(rate),
+            np.bool_(red),
+        )
+    header = {"eventtype_uploadcode": "CIC", "datetime": _CHECK_WHEN, "nanoseconds": nanoseconds}
+    datalist = [
+        {"data_uploadcode": code, "data": value}
+        for code, value in (("TR1", _CHECK_TRACE), ("PH1", height), ("EVENTRATE", rate),
+                            ("RED", red))
+    ]  # fmt: skip
+    return [{"header": header, "datalist": datalist}]
+
+
+def _leaf_types(value: Any) -> list[type]:
+    """Types of the values in a small trusted tree: an equal value of another type differs."""
+    if type(value) is dict:
+        return [t for key, item in value.items() for t in (type(key), *_leaf_types(item))]
+    if type(value) in (list, tuple):
+        return [t for item in value for t in _leaf_types(item)]
+    return [type(value)]
+
+
+def _check_cases() -> tuple[list[tuple[str, bytes, Any]], list[tuple[str, bytes, str]]]:
+    """(what, payload, batch) that must decode; (what, payload, reason) that must be refused."""
+    tokens = 5000  # in one run: more than one regex call takes (_RUN_TOKENS)
+    good = [
+        ("a Python 2 protocol-0 batch", _CHECK_PY2, _check_batch(False)),
+        ("a Python 3 protocol-3 batch", _CHECK_PY3, _check_batch(True)),
+        ("a Python 3 protocol-4 batch", _CHECK_PY4, _check_batch(True)),
+        (f"a protocol-0 run of {tokens} tokens", b"(l" + b"p1\n" * tokens + b".", []),
+        (f"a protocol-2 run of {tokens} tokens", b"\x80\x02]" + b"q\x01" * tokens + b".", []),
+    ]
+    trace_at = _CHECK_PY3.index(_CHECK_TRACE_BYTES)
+    refused = [
+        ("os.system in a protocol-0 pickle", b"cos\nsystem\n(S'true'\ntR.",
+         "global os.system refused"),
+        ("INST", b"(S'true'\nios\nsystem\n.", "pickle opcode INST not allowed"),
+        ("a memo index of 2**21", b"\x80\x02Nr\x00\x00\x20\x00.",
+         "memo index beyond the size of the data"),
+        ("a protocol-3 batch cut inside its trace", _CHECK_PY3[: trace_at + 100],
+         "BINUNICODE length runs past the end of the data"),
+        ("a protocol-4 batch with a byte after STOP", _CHECK_PY4 + b"\x00",
+         "data after the end of the pickle"),
+        ("a batch that is a dict", b"(dp0\n.", "payload is a dict, not a list"),
+    ]  # fmt: skip
+    return good, refused
+
+
+def self_check() -> None:
+    """Decode known-good payloads and refuse known-bad ones; RuntimeError if any goes wrong.
+
+    Decoding leans on the interpreter's regular-expression engine and C unpickler, whose
+    behaviour has changed between patch releases: on CPython 3.11.0-3.11.4 the possessive
+    quantifiers this module once used refused every Python 3 pickle with a trace
+    (gh-106052).  An upload function that decodes wrongly answers ``208``, and a station
+    resends its oldest batch until it gets ``100``: one wrong refusal blocks its queue for
+    good.  So both functions call this at start-up and refuse to start rather than refuse
+    stations.  It takes one or two milliseconds.  The message names the interpreter's
+    version and every case that failed.
+    """
+    good, refused = _check_cases()
+    failures: list[str] = []
+    for what, data, expected in good:
+        try:
+            value = decode_batch(data)
+        except Exception as exc:
+            failures.append(f"{what} was refused ({type(exc).__name__}: {_short(str(exc))})")
+            continue
+        if value != expected or _leaf_types(value) != _leaf_types(expected):
+            failures.append(f"{what} decoded to other values than it holds")
+    for what, data, reason in refused:
+        try:
+            decode_batch(data)
+        except PayloadError as exc:
+            if not str(exc).startswith(reason):
+                failures.append(f"{what} was refused for another reason ({_short(str(exc))})")
+        except Exception as exc:
+            failures.append(f"{what} raised {type(exc).__name__}: {_short(str(exc))}")
+        else:
+            failures.append(f"{what} was accepted")
+    if failures:
+        version = ".".join(map(str, sys.version_info[:3]))
+        raise RuntimeError(f"decoder self-check failed on Python {version}: " + "; ".join(failures))
