@@ -704,3 +704,146 @@ def test_two_processes_append_to_one_file(path: Path) -> None:
                                  [built.blobs[i] for i in row["traces"]]))
     assert stored == sorted(expected)
     assert_nrows_consistent(path)
+
+
+# -- readers, long keys, the volume ----------------------------------------------------------
+
+READER = """\
+import sys, time, tables
+path, seconds = sys.argv[1], float(sys.argv[2])
+h5 = tables.open_file(path, "r")
+print("open", flush=True)
+time.sleep(seconds)
+h5.close()
+"""
+
+
+@contextmanager
+def reader_holding(path: Path, seconds: float = 60.0) -> Iterator[Any]:
+    """A PyTables reader in another process, holding ``path`` open."""
+    import subprocess
+    import sys
+
+    process = subprocess.Popen([sys.executable, "-c", READER, str(path), str(seconds)],
+                               stdout=subprocess.PIPE, text=True)
+    try:
+        assert process.stdout is not None and process.stdout.readline().strip() == "open"
+        yield process
+    finally:
+        process.kill()
+        process.wait(10)
+
+
+def test_a_reader_holding_the_file_makes_it_busy_at_once(path: Path) -> None:
+    """HDF5's own lock: the writer is told at once (no retry loop), nothing is changed."""
+    append(path, [part("first", make_events(2, 1))])
+    assert not daystore.held_open(path)
+    with reader_holding(path):
+        assert daystore.held_open(path)
+        started = time_now()
+        with pytest.raises(daystore.DayFileBusy, match="held open"), DayFile(path):
+            pass
+        assert time_now() - started < 1.0  # no lock wait: the reader may hold it for hours
+    assert not daystore.held_open(path)
+    assert append(path, [part("second", make_events(2, 2))]).written == ["second"]
+
+
+def time_now() -> float:
+    import time
+
+    return time.monotonic()
+
+
+def test_keys_longer_than_the_ledger_column_are_written_once(path: Path) -> None:
+    long_key = "incoming/501/" + "x" * 400 + ".pickle"
+    assert daystore.ledger_entry(long_key).startswith(b"sha256:")
+    assert daystore.ledger_entry("incoming/501/a.pickle") == b"incoming/501/a.pickle"
+    events = make_events(3, 9)
+    assert append(path, [part(long_key, events)]).written == [long_key]
+    assert append(path, [part(long_key, events)]).skipped_duplicates == [long_key]
+    with DayFile(path) as day_file:
+        assert day_file.ingested(long_key)
+
+
+def test_volume_probe_and_failure_kinds(tmp_path: Path) -> None:
+    import errno as errnos
+
+    assert daystore.probe_volume(tmp_path) is None
+    assert not list(tmp_path.iterdir())  # the probe leaves nothing behind
+    assert "not a directory" in str(daystore.probe_volume(tmp_path / "missing"))
+    full = daystore.DayFileIOError(errnos.ENOSPC, "x.h5: disk full")
+    assert daystore.is_volume_failure(full)
+    assert daystore.is_volume_failure(RuntimeError("Can't write data (errno = 30, ...)"))
+    assert not daystore.is_volume_failure(IsADirectoryError(errnos.EISDIR, "a directory"))
+    assert not daystore.is_volume_failure(OSError("file signature not found"))
+
+
+CONSISTENT = """\
+import sys, time, tables
+path, until = sys.argv[1], time.time() + float(sys.argv[2])
+opened = refused = raced = inconsistent = 0
+while time.time() < until:
+    try:
+        h5 = tables.open_file(path, "r")
+    except tables.HDF5ExtError as exc:
+        if "unable to lock file" in str(exc):
+            refused += 1
+        elif "truncated file" in str(exc):
+            raced += 1  # HDF5 sized the file before it got the lock: reopen
+        else:
+            raise
+        continue
+    with h5:
+        opened += 1
+        keys = h5.root._datastore.keys.read()
+        if h5.root._datastore.intent.nrows:
+            inconsistent += 1
+        for table in h5.walk_nodes("/hisparc", classname="Table"):
+            ids = table.col("event_id").tolist()
+            if ids != list(range(1, len(ids) + 1)):
+                inconsistent += 1
+        rows = sum(int(n) for n in keys["events"])
+        tables_rows = sum(t.nrows for t in h5.walk_nodes("/hisparc", classname="Table"))
+        if rows != tables_rows:
+            inconsistent += 1
+print(opened, refused, raced, inconsistent, flush=True)
+"""
+
+
+@pytest.mark.parametrize("pause", [0.0, 0.02], ids=["back-to-back", "every-20-ms"])
+def test_readers_opening_during_appends_see_a_whole_file_or_a_clear_error(
+    path: Path, pause: float
+) -> None:
+    """What HDF5's file locking gives PyTables readers: while the writer appends, an open
+    fails at once with "unable to lock file"; rarely, when it starts just as an append
+    ends, with "truncated file" (HDF5 takes the file's size before its lock); both are
+    worth a retry.  Otherwise the reader sees only committed appends, every table's rows
+    matching the ledger.  Appends back to back are the worst case (a sweep catching up);
+    one every 20 ms is a busy live day."""
+    import subprocess
+    import sys
+    import time
+
+    append(path, [part("seed", make_events(2, "seed"))])
+    reader = subprocess.Popen([sys.executable, "-c", CONSISTENT, str(path), "4"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    appended = 0
+    deadline = time.monotonic() + 4
+    while time.monotonic() < deadline:
+        try:
+            with DayFile(path, lock_timeout=5) as day_file:
+                day_file.append([part(f"k{appended}", make_events(5, appended,
+                                                                   ["CIC", "SIN"]))])
+            appended += 1
+            time.sleep(pause)
+        except daystore.DayFileBusy:  # the reader had it open at that moment
+            time.sleep(0.001)
+    out, err = reader.communicate(timeout=60)
+    assert reader.returncode == 0, err
+    opened, refused, raced, inconsistent = (int(x) for x in out.split())
+    assert inconsistent == 0
+    assert opened > 0 and appended > 0
+    tries = opened + refused + raced
+    print(f"\nreaders during appends ({pause * 1000:.0f} ms apart): {tries} opens: {opened} saw "
+          f"whole appends, {refused} were told 'unable to lock file' ({refused / tries:.1%}), "
+          f"{raced} 'truncated file' ({raced / tries:.2%}); {appended} appends in 4 s")

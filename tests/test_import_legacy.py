@@ -102,6 +102,7 @@ def test_import_lands_the_same_rows_as_a_direct_upload(
     events = the_batch()
     # Direct: the station's own pickle, stored as the upload function does.
     direct = dataclasses.replace(settings, data_dir=tmp_path / "direct")
+    direct.data_dir.mkdir()  # a mounted volume: the writer never makes data_dir itself
     body = dumps_py2(events)
     key = incoming_key(501, hashlib.md5(body).hexdigest())  # noqa: S324
     bucket.put(key, body, metadata_for(Station(501, "Amsterdam", ""), len(events), MTIME))
@@ -120,6 +121,7 @@ def test_import_lands_the_same_rows_as_a_direct_upload(
         assert dt.datetime.fromisoformat(stored.metadata["received"]) == MTIME
         assert stored.metadata["legacy-source"] == "incoming/501_0001"
         written = dataclasses.replace(settings, data_dir=tmp_path / flavour)
+        written.data_dir.mkdir()
         result = sweep(bucket, written, direct=False)
         assert result.archived == [imported], result.summary()
         comparison = compare_files(day_file_path(direct.data_dir, DAY),

@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
 
 from hisparc_datastore.notifications import (
     PING_TYPE,
@@ -198,3 +201,62 @@ def test_ping_source_event_requests_a_sweep_by_its_data() -> None:
 def test_garbage_is_a_notification_error(headers: dict[str, str], body: bytes) -> None:
     with pytest.raises(NotificationError):
         parse_notification(headers, body)
+
+
+# -- whatever the body, a Notification or a NotificationError (the HTTP layer's 400) ------
+
+_scalars = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=True),
+                     st.text(max_size=20),
+                     st.sampled_from(["ObjectCreated:Put", "s3:ObjectCreated:Post",
+                                      "incoming/501/a.pickle", "1.0", SWEEP_TYPE, PING_TYPE,
+                                      "sweep", "bucket", "\ud800", "%00"]))
+_keys = st.sampled_from(["Records", "EventName", "Key", "eventName", "s3", "bucket", "object",
+                         "name", "key", "specversion", "type", "data", "data_base64",
+                         "limit", "action", "Event", "Bucket"]) | st.text(max_size=8)
+_documents = st.recursive(
+    _scalars,
+    lambda children: st.lists(children, max_size=4)
+    | st.dictionaries(_keys, children, max_size=5),
+    max_leaves=25,
+)
+_headers = st.fixed_dictionaries({}, optional={
+    "Content-Type": st.sampled_from(["application/json", "application/cloudevents+json",
+                                     "application/cloudevents-batch+json", "text/plain"]),
+    "ce-specversion": st.just("1.0"),
+    "ce-type": st.sampled_from([SWEEP_TYPE, PING_TYPE, "com.example", ""]),
+})
+
+
+def _parse_or_refuse(headers: dict[str, str], body: bytes) -> None:
+    try:
+        notification = parse_notification(headers, body, bucket="bucket")
+    except NotificationError:
+        return
+    assert all(ref.key.startswith("incoming/") for ref in notification.keys)
+
+
+@hypothesis_settings(max_examples=400, deadline=None,
+                     suppress_health_check=[HealthCheck.too_slow])
+@given(_headers, _documents)
+def test_any_json_document_is_a_notification_or_a_400(headers: dict[str, str],
+                                                       document: object) -> None:
+    body = json.dumps(document, ensure_ascii=False).encode("utf-8", "surrogatepass")
+    _parse_or_refuse(headers, body)
+    # The same document as a structured CloudEvent's data, a string holding JSON, base64.
+    _parse_or_refuse({"Content-Type": "application/cloudevents+json"}, json.dumps(
+        {"specversion": "1.0", "type": "x", "data": json.dumps(document)}).encode())
+
+
+@hypothesis_settings(max_examples=200, deadline=None)
+@given(_headers, st.binary(max_size=200))
+def test_any_bytes_are_a_notification_or_a_400(headers: dict[str, str], body: bytes) -> None:
+    _parse_or_refuse(headers, body)
+
+
+@pytest.mark.parametrize("body", [
+    b"[" * 100_000, b'{"a":' * 100_000, b'{"Records": [' + b"[" * 100_000,
+    json.dumps({"specversion": "1.0", "type": "x", "data": "[" * 100_000}).encode(),
+])
+def test_nesting_deeper_than_the_parser_goes_is_a_400(body: bytes) -> None:
+    with pytest.raises(NotificationError, match=r"nests too deeply|not JSON"):
+        parse_notification({"Content-Type": "application/cloudevents+json"}, body)

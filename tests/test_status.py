@@ -57,7 +57,7 @@ def test_bucket_table_is_aligned_with_numbers_right() -> None:
     assert len({line.index(size) + len(size) for line, size in
                 zip(table[1:], sizes, strict=True)}) == 1
     assert len({line.index("2026") for line in table[1:] if "2026" in line}) == 1
-    assert "failure-reason" in text  # a hint when failed/ holds objects
+    assert "datastore failed list" in text  # a hint when failed/ holds objects
     assert "Day files under /srv/data: none yet" in text
 
 
@@ -164,7 +164,8 @@ def test_collect_counts_objects_and_sums_rows_over_stations(bucket, tmp_path: Pa
     report = status.collect(bucket, tmp_path)
     figures = {p.prefix: (p.objects, p.bytes) for p in report.prefixes}
     assert figures == {"incoming/": (1, 10), "suspicious/": (0, 0), "failed/": (1, 7),
-                       "archive/": (3, 300), "retrying/": (0, 0), "legacy-import/": (0, 0)}
+                       "archive/": (3, 300), "deferred/": (0, 0), "retrying/": (0, 0),
+                       "legacy-import/": (0, 0)}
     archive = next(p for p in report.prefixes if p.prefix == "archive/")
     assert archive.newest_key is not None and archive.newest_key.startswith("archive/2024/03/05/")
     assert [(d.day, d.stations, d.rows, d.error) for d in report.days] == [
@@ -180,3 +181,28 @@ def test_an_interrupted_retry_is_pointed_out() -> None:
         "retrying/", 2, 20, NOW - dt.timedelta(minutes=5), "retrying/501/a.pickle")
     text = status.format_report(_report([], prefixes=prefixes), NOW)
     assert "retrying/" in text and "datastore failed retry" in text
+
+
+def test_why_objects_wait_is_shown() -> None:
+    from hisparc_datastore.retries import RetryRecord
+
+    moment = NOW.timestamp()
+    records = [
+        RetryRecord("day", "2026-11-21", 3, moment - 600, moment - 30, moment + 50,
+                    "2026_11_21.h5: OSError: file signature not found"),
+        RetryRecord("object", "incoming/999/x.pickle", 1, moment - 5, moment - 5,
+                    moment + 5, "station 999: no cluster in the station list"),
+    ]
+    held = [_day(dt.date(2026, 11, 25), {})]
+    report = _report([], None)
+    report = StatusReport(report.bucket, report.endpoint, report.prefixes, None,
+                          report.data_dir, [], records, held)
+    text = " ".join(status.format_report(report, NOW).split())  # columns: padding varies
+    assert ("Waiting in incoming/ (2 objects): 1 day files held open by readers, 1 day files "
+            "and 1 objects with retry records") in text
+    assert "day 2026-11-25 2026_11_25.h5 is held open by a reader" in text
+    assert ("day 2026-11-21 attempt 3 of 12, next in 50 s (since 2026-11-25 08:50:00 UTC): "
+            "2026_11_21.h5: OSError: file signature not found") in text
+    assert "incoming/999/x.pickle attempt 1 of 12, next in 5 s" in text
+    # Nothing waits: no section.
+    assert "Waiting in" not in status.format_report(_report([]), NOW)

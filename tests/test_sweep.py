@@ -89,10 +89,18 @@ def test_sweep_reports_failure_and_configuration_errors(
     bucket: Bucket, settings: Settings, datastore_env: dict[str, str]
 ) -> None:
     put_batches(bucket, one_event_batches(2, 3, dt.datetime(2024, 10, 3, 3)))
-    (settings.data_dir / "2024").write_text("not a directory")  # the volume refuses
+    blocker = settings.data_dir / "2024"
+    blocker.write_text("not a directory")  # one day's folder cannot be made: they wait
+    waiting = run_sweep(datastore_env)
+    assert waiting.returncode == 1 and len(incoming(bucket)) == 2
+    assert "2 deferred" in waiting.stderr and "NotADirectoryError" in waiting.stderr
+    blocker.unlink()
+
+    settings.data_dir.rmdir()  # the volume is gone: an outage
     failed = run_sweep(datastore_env)
     assert failed.returncode == 1 and len(incoming(bucket)) == 2
     assert "2 failed" in failed.stderr
+    settings.data_dir.mkdir()
 
     missing = run_sweep({**datastore_env, "DATASTORE_CONFIG": "/nonexistent/config.ini"})
     assert missing.returncode == 2 and "configuration error" in missing.stderr

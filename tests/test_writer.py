@@ -25,6 +25,7 @@ from hisparc_datastore.bucket import Bucket, ObjectInfo, archive_key, failed_key
 from hisparc_datastore.config import Settings
 from hisparc_datastore.daystore import day_file_path
 from hisparc_datastore.py2pickle import dumps_py2
+from hisparc_datastore.retries import Backoff
 from hisparc_datastore.stations import Station
 from hisparc_datastore.upload import metadata_for
 from hisparc_datastore.writer import (
@@ -42,6 +43,7 @@ from hisparc_datastore.writer import (
 )
 
 FAST = RetryPolicy(delays=(0.01, 0.01))
+NOW = Backoff(first=0.0, longest=0.0)  # deferred objects are due again at once
 RECEIVED = dt.datetime(2024, 3, 2, 7, 30, tzinfo=dt.UTC)
 STATION_PATH = "/hisparc/cluster_amsterdam/station_501"
 
@@ -236,6 +238,7 @@ def test_python2_and_python3_payloads_give_identical_files(
     assert py2_key != py3_key  # different bytes, different objects
 
     py3_settings = dataclasses.replace(settings, data_dir=tmp_path / "py3")
+    py3_settings.data_dir.mkdir()
     assert process_keys([py2_key], bucket, settings, retry=FAST).archived == [py2_key]
     assert process_keys([py3_key], bucket, py3_settings, retry=FAST).archived == [py3_key]
 
@@ -396,9 +399,11 @@ def test_missing_metadata_falls_back_to_key_and_station_list(
 
     result = process_keys([leiden, unknown], bucket, settings, retry=FAST)
 
-    assert result.archived == [leiden]
-    assert list(result.failed) == [unknown]  # a configuration gap: it waits in incoming/
+    assert result.ok and result.archived == [leiden]  # one gap never stalls the others
+    assert list(result.deferred) == [unknown]  # a configuration gap: it waits in incoming/
+    assert "no cluster" in result.deferred[unknown].reason
     assert keys_under(bucket, "incoming/") == [unknown]
+    assert len(keys_under(bucket, "deferred/objects/")) == 1  # its retry record
     path = day_file_path(settings.data_dir, dt.date(2024, 8, 1))
     assert_rows_match(path, events, "/hisparc/cluster_leiden/station_7001")
     # The archive date falls back to the object's LastModified: today.
@@ -406,22 +411,43 @@ def test_missing_metadata_falls_back_to_key_and_station_list(
     assert len(archived) == 1 and archived[0].endswith(leiden.removeprefix("incoming/"))
 
 
-def test_volume_failure_keeps_objects_in_incoming_until_it_is_fixed(
+def test_a_day_folder_that_cannot_be_made_keeps_its_objects_waiting(
     bucket: Bucket, settings: Settings
 ) -> None:
+    """One day's path is blocked, the volume is fine: 2xx, objects wait, then get written."""
     (a, b, c), _ = three_batches(bucket)
     blocker = settings.data_dir / "2024"
     blocker.write_text("not a directory")  # the year folder cannot be made
 
-    result = process_keys([a, b], bucket, settings, retry=FAST)
+    result = process_keys([a, b], bucket, settings, retry=FAST, backoff=NOW)
 
-    assert not result.ok and sorted(result.failed) == sorted([a, b])
-    assert result.archived == [] and result.quarantined == {}
+    assert result.ok and sorted(result.deferred) == sorted([a, b])
+    assert result.archived == [] and result.quarantined == {} and result.failed == {}
+    assert "NotADirectoryError" in result.deferred[a].reason
     assert sorted(keys_under(bucket, "incoming/")) == sorted([a, b, c])
+    assert keys_under(bucket, "deferred/days/") == ["deferred/days/2024-06-01.json"]
     blocker.unlink()
-    swept = sweep(bucket, settings, retry=FAST)
+    swept = sweep(bucket, settings, retry=FAST, backoff=NOW)
     assert swept.ok and len(swept.archived) == 3 and swept.rows == 60
     assert keys_under(bucket, "incoming/") == []
+    assert keys_under(bucket, "deferred/") == []  # the day's record is gone with the fix
+
+
+def test_a_full_or_missing_volume_is_an_outage(bucket: Bucket, settings: Settings) -> None:
+    """Nothing can be written anywhere: 5xx (the sender retries), nothing moves."""
+    (a, b, _), _ = three_batches(bucket)
+    settings.data_dir.rmdir()
+    settings.data_dir.write_text("the volume is not mounted")
+    try:
+        result = process_keys([a, b], bucket, settings, retry=FAST)
+        assert not result.ok and sorted(result.failed) == sorted([a, b])
+        assert not result.deferred and not result.quarantined
+        assert keys_under(bucket, "deferred/") == []
+    finally:
+        settings.data_dir.unlink()
+        settings.data_dir.mkdir()
+    again = process_keys([a, b], bucket, settings, retry=FAST)
+    assert again.ok and sorted(again.archived) == sorted([a, b])
 
 
 def test_unreachable_bucket_is_a_transient_failure(settings: Settings) -> None:
@@ -636,8 +662,44 @@ def test_day_file_that_needs_an_operator_keeps_objects_waiting(
 
     result = process_keys([a], bucket, settings, retry=FAST)
 
-    assert not result.ok and list(result.failed) == [a] and not result.quarantined
+    assert result.ok and list(result.deferred) == [a] and not result.quarantined
+    assert "differs from the schema" in result.deferred[a].reason
     assert a in keys_under(bucket, "incoming/")
+
+
+@pytest.mark.parametrize("damage", ["directory", "garbage", "truncated"])
+def test_a_broken_day_file_defers_then_quarantines_with_its_reason(
+    bucket: Bucket, settings: Settings, damage: str
+) -> None:
+    """Bounded: after Backoff.attempts failed attempts its objects go to failed/."""
+    (a, b, _), _ = three_batches(bucket)
+    path = day_file_path(settings.data_dir, dt.date(2024, 6, 1))
+    path.parent.mkdir(parents=True)
+    if damage == "directory":
+        path.mkdir()
+    elif damage == "garbage":
+        path.write_bytes(b"not hdf5 at all" * 100)
+    else:
+        other = path.with_name("whole.h5")
+        process_keys([a], bucket, settings, retry=FAST)  # a real file, written once
+        path.rename(other)
+        path.write_bytes(other.read_bytes()[: other.stat().st_size // 2])
+        a = put_batch(bucket, samples.batch(
+            20, dt.datetime(2024, 6, 1, 10, 0, 7), random.Random(3), traces=False))
+    policy = Backoff(first=0.0, longest=0.0, attempts=3)
+
+    outcomes = []
+    for _ in range(3):
+        result = process_keys([a, b], bucket, settings, retry=FAST, backoff=policy)
+        assert result.ok, result.summary()
+        outcomes.append((sorted(result.deferred), sorted(result.quarantined)))
+    assert outcomes[0] == (sorted([a, b]), []) and outcomes[1] == (sorted([a, b]), [])
+    assert outcomes[2] == ([], sorted([a, b]))
+    reason = bucket.get(failed_key(a)).metadata["failure-reason"]
+    assert reason.startswith("day file unusable after 3 attempts: 2024_6_1.h5")
+    waiting = keys_under(bucket, "incoming/")
+    assert a not in waiting and b not in waiting  # nothing lost: both in failed/
+    assert {failed_key(a), failed_key(b)} <= set(keys_under(bucket, "failed/"))
 
 
 @pytest.mark.parametrize("direct", [True, False], ids=["direct-s3", "boto3"])

@@ -15,8 +15,9 @@ import os
 import random
 import subprocess
 import textwrap
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -96,6 +97,9 @@ def write_config(directory: Path, endpoint: S3Endpoint, bucket_name: str) -> Pat
         [Writer]
         sleep = 1
         anonymous_notifications = true
+        retry_delay = 0.5
+        retry_max_delay = 1
+        retry_attempts = 50
 
         [Bucket]
         endpoint = {endpoint.url}
@@ -271,37 +275,104 @@ def test_undecodable_object_is_quarantined_once(server: Server) -> None:
     assert "failure-reason" in server.bucket.get(failed_key(key)).metadata
 
 
-def test_transient_failure_is_503_and_a_retry_succeeds(server: Server) -> None:
+def wait_for(condition: Callable[[], bool], seconds: float = 20.0) -> float:
+    """Poll until ``condition()``; returns the seconds it took (fails after ``seconds``)."""
+    started = time.monotonic()
+    while not condition():
+        assert time.monotonic() - started < seconds, "timed out"
+        time.sleep(0.05)
+    return time.monotonic() - started
+
+
+def test_an_outage_of_the_volume_is_503_and_a_retry_succeeds(server: Server) -> None:
     day = dt.date(2031, 1, 7)
     key, _ = put_batch(server, day)
-    blocker = server.data_dir / "2031"
-    blocker.write_text("the volume refuses")
+    moved = server.data_dir.with_name("data-unmounted")
+    server.data_dir.rename(moved)  # the volume is gone: nothing can be written anywhere
     try:
         answer = server.post(aws_body(server.bucket.name, [key]))
         assert answer.status_code == 503
         assert list(answer.json()["failed"]) == [key]
         assert in_incoming(server, key)
     finally:
-        blocker.unlink()
+        moved.rename(server.data_dir)
     retried = server.post(aws_body(server.bucket.name, [key]))
     assert retried.status_code == 200 and retried.json()["archived"] == 1
 
 
-def test_sweep_requests(server: Server) -> None:
+def test_a_blocked_day_is_200_and_written_once_it_is_fixed(server: Server) -> None:
+    """One day's folder is in the way: the notification is answered 200 (deferred) and
+    the writer's own backlog writes the object soon after the path is fixed."""
+    day = dt.date(2032, 2, 8)
+    key, _ = put_batch(server, day)
+    other, _ = put_batch(server, dt.date(2032, 2, 9))
+    blocker = server.data_dir / "2032"
+    blocker.write_text("in the way")
+    try:
+        answer = server.post(aws_body(server.bucket.name, [key]))
+        assert answer.status_code == 200, answer.text
+        assert list(answer.json()["deferred"]) == [key]
+        assert "NotADirectoryError" in answer.json()["deferred"][key]
+    finally:
+        blocker.unlink()
+    later = server.post(aws_body(server.bucket.name, [other]))  # not held up
+    assert later.status_code == 200 and later.json()["archived"] == 1
+    wait_for(lambda: not in_incoming(server, key))
+    assert rows_of(server, day, "/hisparc/cluster_amsterdam/station_501", "events") >= 1
+
+
+def test_sweep_requests_run_in_the_background(server: Server) -> None:
     day = dt.date(2024, 11, 8)
     first = [put_batch(server, day)[0] for _ in range(3)]
     headers, body = cloudevent_binary(None, SWEEP_TYPE)
     answer = server.post(body, headers)
-    assert answer.status_code == 200, answer.text
-    assert answer.json()["sweep"]["archived"] >= 3
-    assert not any(in_incoming(server, key) for key in first)
+    assert answer.status_code == 202, answer.text
+    assert answer.json()["sweep"] in ("started", "running")
+    wait_for(lambda: not any(in_incoming(server, key) for key in first))
 
     second = [put_batch(server, day)[0] for _ in range(2)]
     headers, body = cloudevent_structured(json.dumps({"action": "sweep"}).encode(), PING_TYPE)
     answer = server.post(body, headers)
+    assert answer.status_code == 202, answer.text
+    wait_for(lambda: not any(in_incoming(server, key) for key in second))
+
+
+def test_liveness(server: Server) -> None:
+    answer = requests.get(f"{server.url}/healthz", timeout=10)
     assert answer.status_code == 200, answer.text
-    assert not any(in_incoming(server, key) for key in second)
-    assert list(server.bucket.list("incoming/")) == [] or answer.json()["sweep"]["failed"] == {}
+    assert answer.json()["healthy"] is True
+
+
+@pytest.mark.parametrize("body", [
+    b"[" * 100_000,
+    b'{"Records": ' * 50_000,
+    b'{"Records": [' + b"[" * 100_000 + b"]",
+    b'{"specversion": "1.0", "type": "x", "data": "' + b"[" * 100_000 + b'"}',
+    b"\xff\xfe not utf-8",
+    b'{"Records": [{"eventName": 5}]}',
+    b'{"Records": [{"eventName": "ObjectCreated:Put", "s3": {"bucket": {"name": []}}}]}',
+    b"1e999999",
+    b'"' + b"9" * 100_000 + b'"',
+    b"9" * 100_000,
+], ids=["deep-arrays", "deep-objects", "deep-record", "deep-data", "not-utf8", "wrong-type",
+        "bucket-list", "huge-float", "long-string", "huge-int"])
+def test_deep_or_malformed_json_is_400_never_500(server: Server, body: bytes) -> None:
+    answer = server.post(body)
+    assert answer.status_code == 400, answer.text
+    assert "error" in answer.json()
+
+
+def test_keys_no_server_can_hold_are_ignored_not_errors(server: Server) -> None:
+    body = json.dumps({"Records": [
+        {"eventName": "ObjectCreated:Put",
+         "s3": {"bucket": {"name": server.bucket.name},
+                "object": {"key": "incoming/501/\ud800.pickle"}}},
+        {"eventName": "ObjectCreated:Put",
+         "s3": {"bucket": {"name": server.bucket.name},
+                "object": {"key": "incoming/501/" + "x" * 1100}}},
+    ]}).encode()
+    answer = server.post(body)
+    assert answer.status_code == 200 and answer.json()["keys"] == 0
 
 
 def test_one_log_line_per_request(server: Server) -> None:

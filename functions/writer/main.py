@@ -1,36 +1,42 @@
 """HTTP entry point of the writer function: ``functions-framework --target writer``.
 
 A thin shell: check the token, read the body within a small limit, parse it with
-:func:`hisparc_datastore.notifications.parse_notification`, write the keys with
-:func:`hisparc_datastore.writer.process_keys` (or run :func:`~hisparc_datastore.writer.sweep`
-for a sweep request), and map the outcome to a status the sender acts on:
+:func:`hisparc_datastore.notifications.parse_notification`, and hand the keys (or a sweep
+request) to the process's :class:`~hisparc_datastore.writer_service.WriterService`, which
+writes them, keeps what must wait, and sweeps in the background.  The status tells the
+sender what to do:
 
-- 200: every notified key is written and archived, was already done, or is quarantined in
-  ``failed/`` (also: nothing to do, e.g. the S3 test event or a removal event);
+- 200: every notified key is written and archived, was already done, is quarantined in
+  ``failed/``, or *waits* for a reason of its own (a day file held open by a reader, a
+  day file or an object with a retry record: listed under ``deferred`` in the answer).
+  One bad object or day file never stalls the sender's queue (MinIO delivers in order
+  and retries the head for ever); nothing to do (the S3 test event, a removal) is 200 too;
+- 202: a sweep request: the sweep runs in the background (``started``), or one already
+  does (``running``); its outcome is logged;
 - 400: the body is not a notification (retrying it cannot help);
 - 401: ``DATASTORE_WRITER_AUTH_TOKEN`` is set and the request does not carry it, either
   as ``Authorization: Bearer <token>`` or as the bare token (MinIO's webhook sends its
   ``auth_token`` setting verbatim as the header value); compared in constant time;
 - 413: the body is larger than a notification can be;
-- 503: something transient failed (bucket, volume, lock): the sender should retry, and
-  the objects wait in ``incoming/`` for that retry or the next sweep;
-- 202: a sweep request while this process is already sweeping (nothing more to do).
-
-A sweep request runs :func:`~hisparc_datastore.writer.sweep` for at most
-``SWEEP_SECONDS`` (it stops between chunks; the rest waits for the next request).
+- 503: an outage of the whole writer (the bucket unreachable, the volume full, read-only
+  or gone, out of memory): the sender should retry, and the objects wait in
+  ``incoming/`` for that retry or the next sweep;
 - 500: an unexpected error (logged with its traceback).
 
-GET and HEAD answer 200 without touching anything: MinIO probes its webhook endpoint with
-HEAD (without the token) before it enables the target.  Settings are loaded at import,
-so a configuration error stops the function at start-up.  One log line per request.
+``GET /healthz`` is the liveness check: 200 while the writer makes progress, 503 when a
+run has been stuck in I/O for minutes (a hung volume) or its background thread died, so
+the kubelet restarts it; a long, healthy sweep keeps it at 200.  Every other GET and HEAD
+answers 200 without touching anything: MinIO probes its webhook endpoint with HEAD
+(without the token) before it enables the target.  Settings are loaded at import, so a
+configuration error stops the function at start-up.  One log line per request.
 """
 
 from __future__ import annotations
 
+import atexit
 import hmac
 import json
 import logging
-import os
 import threading
 import time
 from typing import Any
@@ -38,19 +44,18 @@ from typing import Any
 import flask
 import functions_framework
 
+from hisparc_datastore import payload
 from hisparc_datastore.bucket import Bucket
 from hisparc_datastore.config import ConfigError, Settings, load_settings
 from hisparc_datastore.logs import setup_logging
 from hisparc_datastore.notifications import NotificationError, parse_notification
-from hisparc_datastore.writer import WriteResult, process_keys, sweep
+from hisparc_datastore.writer_service import WriterService
 
 log = logging.getLogger("hisparc_datastore.writer.http")
 
 #: Notifications are small JSON documents; anything this big is not one.
 MAX_BODY_BYTES = 4 * 1024 * 1024
-#: A sweep request stops taking new chunks after this long, well inside Knative's default
-#: 300 s request timeout; what is left waits for the next sweep.
-SWEEP_SECONDS = 240.0
+HEALTH_PATH = "/healthz"
 DESCRIPTION = "HiSPARC datastore writer: POST bucket notifications or a sweep CloudEvent.\n"
 
 
@@ -72,21 +77,29 @@ def _load() -> Settings:
     return settings
 
 
+# The decoder must work on this interpreter (docs/SECURITY.md): refuse to start if not.
+try:
+    payload.self_check()
+except RuntimeError as exc:
+    raise SystemExit(f"writer function: {exc}") from None
+
 SETTINGS = _load()
 
-# One boto3 client per process: gunicorn may fork workers after this module is loaded.
+# One boto3 client per process, made on first use: gunicorn forks workers after import.
 _bucket_lock = threading.Lock()
-_bucket: tuple[int, Bucket] | None = None
-# One sweep at a time per process; a second request while one runs is answered at once.
-_sweeping = threading.Lock()
+_bucket: Bucket | None = None
 
 
 def _store() -> Bucket:
     global _bucket
     with _bucket_lock:
-        if _bucket is None or _bucket[0] != os.getpid():
-            _bucket = (os.getpid(), Bucket.from_settings(SETTINGS))
-        return _bucket[1]
+        if _bucket is None:
+            _bucket = Bucket.from_settings(SETTINGS)
+        return _bucket
+
+
+SERVICE = WriterService(SETTINGS, _store)
+atexit.register(SERVICE.stop)  # a graceful exit lets the background chunk finish
 
 
 def authorized(header: str | None, token: str) -> bool:
@@ -114,10 +127,6 @@ def _read_body(request: flask.Request) -> bytes | None:
     return None if len(body) > MAX_BODY_BYTES else body
 
 
-def _outcome(result: WriteResult) -> int:
-    return 200 if result.ok else 503
-
-
 def _handle(request: flask.Request) -> tuple[int, dict[str, Any], str]:
     """(status, response document, log text) for one POST."""
     token = SETTINGS.writer_auth_token
@@ -139,22 +148,15 @@ def _handle(request: flask.Request) -> tuple[int, dict[str, Any], str]:
     ignored = f", {len(notification.ignored)} ignored" if notification.ignored else ""
 
     if notification.sweep:
-        if not _sweeping.acquire(blocking=False):
-            return 202, {"sweep": "already running"}, "sweep: already running"
-        deadline = time.monotonic() + SWEEP_SECONDS
-        try:
-            result = sweep(_store(), SETTINGS, limit=notification.sweep_limit,
-                           should_stop=lambda: time.monotonic() > deadline)
-        finally:
-            _sweeping.release()
-        return _outcome(result), {"sweep": result.as_dict()}, f"sweep: {result.summary()}"
+        state = SERVICE.request_sweep(notification.sweep_limit)
+        return 202, {"sweep": state}, f"sweep: {state}"
 
     keys = [ref.key for ref in notification.keys]
     if not keys:
         return 200, {"keys": 0}, f"{notification.kind}: nothing to do{ignored}"
-    result = process_keys(keys, _store(), SETTINGS)
+    result = SERVICE.notify(keys)
     return (
-        _outcome(result),
+        200 if result.ok else 503,
         {"keys": len(keys), **result.as_dict()},
         f"{notification.kind}: {len(keys)} keys{ignored}: {result.summary()}",
     )
@@ -164,6 +166,11 @@ def _handle(request: flask.Request) -> tuple[int, dict[str, Any], str]:
 def writer(request: flask.Request) -> flask.Response:
     """Write the objects a bucket notification names, or sweep on request."""
     if request.method in ("GET", "HEAD"):
+        if request.path == HEALTH_PATH:
+            healthy, document = SERVICE.health()
+            if not healthy:
+                log.error("liveness check failed: %s", document)
+            return _json(document, 200 if healthy else 503)
         return flask.Response(iter([DESCRIPTION.encode()]), status=200, mimetype="text/plain")
     started = time.perf_counter()
     headers: dict[str, str] | None = None

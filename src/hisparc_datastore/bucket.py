@@ -28,6 +28,8 @@ PREFIXES = (INCOMING, SUSPICIOUS, FAILED, ARCHIVE)
 #: markers of ``datastore import-legacy`` (legacy.py).  No notification watches them.
 RETRYING = "retrying/"
 LEGACY_IMPORT = "legacy-import/"
+#: The writer's retry records: why objects wait in incoming/ (retries.py).  Not watched.
+DEFERRED = "deferred/"
 PICKLE_CONTENT_TYPE = "application/x-python-pickle"
 
 
@@ -37,6 +39,29 @@ class BucketError(Exception):
 
 class ObjectMissing(BucketError):
     """The object does not exist (already moved, or never there)."""
+
+
+class ObjectRefused(BucketError):
+    """The server refuses a request about one key (an HTTP 4xx other than 404, 408, 429).
+
+    Most often the key itself: one it cannot store (a NUL byte, too long) or one that is
+    not UTF-8.  A whole-bucket problem (wrong credentials or region) answers 4xx too, so
+    callers that treat this as the object's fault first check that the bucket works.
+    """
+
+
+#: 4xx answers that say "try again later", not "never"; 404 is missing, not refused (a
+#: missing *bucket* answers 404 too, and that is trouble for every key).
+RETRYABLE_4XX = frozenset({404, 408, 429})
+
+
+def valid_key(key: str) -> bool:
+    """Whether ``key`` can be sent at all: UTF-8 (no lone surrogates), 1..1024 bytes."""
+    try:
+        size = len(key.encode("utf-8"))
+    except UnicodeEncodeError:
+        return False
+    return 0 < size <= 1024
 
 
 @dataclass(frozen=True)
@@ -88,6 +113,29 @@ def _is_missing(exc: BaseException) -> bool:
         code = str(exc.response.get("Error", {}).get("Code", ""))
         return code in {"NoSuchKey", "404", "NotFound"}
     return False
+
+
+def _is_refused(exc: BaseException) -> bool:
+    import botocore.exceptions
+
+    if isinstance(exc, botocore.exceptions.ClientError):
+        status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+        return 400 <= status < 500 and status not in RETRYABLE_4XX
+    return False
+
+
+def _failure(what: str, key: str, exc: BaseException) -> BucketError:
+    """The exception for a failed request about ``key``: missing, refused, or trouble."""
+    if _is_missing(exc):
+        return ObjectMissing(key)
+    if _is_refused(exc):
+        return ObjectRefused(f"{what}: {exc}")
+    return BucketError(f"{what}: {exc}")
+
+
+def _check_key(key: str) -> None:
+    if not valid_key(key):
+        raise ObjectRefused(f"key {key[:80]!r} is not 1 to 1024 bytes of UTF-8")
 
 
 class Bucket:
@@ -171,6 +219,7 @@ class Bucket:
         content type is not a compressible one, so SeaweedFS does not spend CPU trying
         to compress pickles.
         """
+        _check_key(key)
         digest = md5_digest or hashlib.md5(body).digest()  # noqa: S324
         content_md5 = base64.b64encode(digest).decode()
         try:
@@ -183,17 +232,16 @@ class Bucket:
                 Metadata=dict(metadata),
             )
         except _client_errors() as exc:
-            raise BucketError(f"put {key}: {exc}") from exc
+            raise _failure(f"put {key}", key, exc) from exc
         return str(answer.get("ETag", "")).strip('"')
 
     def get(self, key: str) -> StoredObject:
+        _check_key(key)
         try:
             answer = self.client.get_object(Bucket=self.name, Key=key)
             body = answer["Body"].read()
         except _client_errors() as exc:
-            if _is_missing(exc):
-                raise ObjectMissing(key) from exc
-            raise BucketError(f"get {key}: {exc}") from exc
+            raise _failure(f"get {key}", key, exc) from exc
         return StoredObject(
             key=key,
             body=body,
@@ -203,12 +251,13 @@ class Bucket:
         )
 
     def head(self, key: str) -> ObjectInfo | None:
+        _check_key(key)
         try:
             answer = self.client.head_object(Bucket=self.name, Key=key)
         except _client_errors() as exc:
             if _is_missing(exc):
                 return None
-            raise BucketError(f"head {key}: {exc}") from exc
+            raise _failure(f"head {key}", key, exc) from exc
         return ObjectInfo(
             key=key,
             etag=str(answer.get("ETag", "")).strip('"'),
@@ -217,12 +266,13 @@ class Bucket:
         )
 
     def metadata(self, key: str) -> dict[str, str] | None:
+        _check_key(key)
         try:
             answer = self.client.head_object(Bucket=self.name, Key=key)
         except _client_errors() as exc:
             if _is_missing(exc):
                 return None
-            raise BucketError(f"head {key}: {exc}") from exc
+            raise _failure(f"head {key}", key, exc) from exc
         return dict(answer.get("Metadata", {}))
 
     def move(self, source: str, target: str, metadata: Mapping[str, str] | None = None) -> None:
@@ -238,6 +288,8 @@ class Bucket:
     def copy(self, source: str, target: str, metadata: Mapping[str, str] | None = None) -> None:
         """Server-side copy of ``source`` to ``target``; ``metadata`` replaces the object's
         metadata when given, else it is kept.  ObjectMissing when ``source`` is gone."""
+        _check_key(source)
+        _check_key(target)
         extra: dict[str, object] = {}
         if metadata is not None:
             extra = {"Metadata": dict(metadata), "MetadataDirective": "REPLACE"}
@@ -249,16 +301,15 @@ class Bucket:
                 **extra,
             )
         except _client_errors() as exc:
-            if _is_missing(exc):
-                raise ObjectMissing(source) from exc
-            raise BucketError(f"copy {source} -> {target}: {exc}") from exc
+            raise _failure(f"copy {source} -> {target}", source, exc) from exc
 
     def delete(self, key: str) -> None:
+        _check_key(key)
         try:
             self.client.delete_object(Bucket=self.name, Key=key)
         except _client_errors() as exc:
             if not _is_missing(exc):
-                raise BucketError(f"delete {key}: {exc}") from exc
+                raise _failure(f"delete {key}", key, exc) from exc
 
     def list(self, prefix: str) -> Iterator[ObjectInfo]:
         """Every object under ``prefix``, in key order, page by page."""

@@ -44,6 +44,12 @@ class Settings:
     #: ``[Writer] anonymous_notifications``: serve the writer without a token (tests, a
     #: closed network).  Without it the writer refuses to start with no token set.
     writer_anonymous: bool = False
+    #: ``[Writer] retry_delay``, ``retry_max_delay``, ``retry_attempts``: how an object
+    #: that waits for its day file or for itself is retried (doubling delays), and after
+    #: how many failed attempts it is quarantined (see retries.py).
+    retry_delay: float = 10.0
+    retry_max_delay: float = 600.0
+    retry_attempts: int = 12
 
 
 def _text(value: str) -> str:
@@ -110,6 +116,9 @@ _KEYS: dict[tuple[str, str], tuple[str, Callable[[str], Any], str | None]] = {
     ("General", "minimum_year"): ("minimum_year", _year, "2020"),
     ("Writer", "sleep"): ("writer_sleep", _non_negative_float, "10"),
     ("Writer", "anonymous_notifications"): ("writer_anonymous", _boolean, "false"),
+    ("Writer", "retry_delay"): ("retry_delay", _non_negative_float, "10"),
+    ("Writer", "retry_max_delay"): ("retry_max_delay", _non_negative_float, "600"),
+    ("Writer", "retry_attempts"): ("retry_attempts", _positive_int, "12"),
     ("Bucket", "endpoint"): ("bucket_endpoint", _endpoint, ""),
     ("Bucket", "name"): ("bucket_name", _bucket_name, None),
     ("Bucket", "region"): ("bucket_region", _text, "us-east-1"),

@@ -32,9 +32,12 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import errno
 import fcntl
+import hashlib
 import logging
 import os
+import re
 import threading
 import time
 import uuid
@@ -114,27 +117,126 @@ class DayFileError(Exception):
     """The day file cannot be written as asked (e.g. an existing table has other columns)."""
 
 
-class DayFileLocked(DayFileError, TimeoutError):
+class DayFileBusy(DayFileError):
+    """Someone else has the day file: a reader (HDF5's own file lock) or another writer.
+
+    Not an error of the file or of the batch: the batch waits and is written when the
+    file is free (see :func:`held_open`).
+    """
+
+
+class DayFileLocked(DayFileBusy, TimeoutError):
     """Another writer held the day file for longer than the lock timeout."""
 
 
 class DayFileIOError(DayFileError, OSError):
-    """The volume failed under the file (full, read-only, I/O error): retry later.
+    """A system call failed under the file (full, read-only, I/O error, ...).
 
     HDF5 reports a failed write or flush as a ``RuntimeError`` whose message names the
     system call's errno; left as it is, the writer would take it for a fault of the
-    batch and quarantine good data whenever the disk fills up.
+    batch and quarantine good data whenever the disk fills up.  ``errno`` is that number
+    when HDF5 gave one.
+    """
+
+    def __init__(self, number: int | None, message: str) -> None:
+        super().__init__(message)
+        self.errno = number  # type: ignore[misc]
+
+
+class RowsError(Exception):
+    """One of the batches' events cannot be made into rows: the batch's fault, not the file's.
+
+    Raised before the file is touched; ``__cause__`` holds the original exception.
     """
 
 
-def _volume_failure(exc: BaseException | None) -> bool:
-    """Whether an h5py error is (or follows) a failed system call: HDF5 puts ``errno = N``
-    in the message; a close that fails after a failed flush carries the flush's error."""
+#: Errors of the volume, not of one file: every day file would fail the same way.
+VOLUME_ERRNOS = frozenset({
+    errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.ESTALE, errno.ENOTCONN,
+    errno.ENODEV, errno.ENXIO, errno.EHOSTDOWN, errno.ETIMEDOUT, errno.ENOMEM,
+})
+_ERRNO_IN_MESSAGE = re.compile(r"errno = (\d+)")
+
+
+def failure_errno(exc: BaseException | None) -> int | None:
+    """The system call's errno behind an error: its own, or the one HDF5 puts in its
+    message (``errno = N``), following causes and contexts (a close that fails after a
+    failed flush carries the flush's error)."""
     while exc is not None:
-        if isinstance(exc, RuntimeError) and "errno = " in str(exc):
-            return True
+        number = getattr(exc, "errno", None)
+        if isinstance(number, int):
+            return number
+        found = _ERRNO_IN_MESSAGE.search(str(exc))
+        if found and isinstance(exc, (RuntimeError, OSError)):
+            return int(found.group(1))
         exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def _volume_failure(exc: BaseException | None) -> bool:
+    """Whether an h5py error is (or follows) a failed system call."""
+    return failure_errno(exc) is not None
+
+
+def is_volume_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` says the volume is in trouble (full, read-only, gone), not one file."""
+    return failure_errno(exc) in VOLUME_ERRNOS
+
+
+def _lock_conflict(exc: BaseException) -> bool:
+    """HDF5 could not take its file lock: another process has the file open."""
+    return failure_errno(exc) in (errno.EAGAIN, errno.EWOULDBLOCK) or (
+        "unable to lock file" in str(exc)
+    )
+
+
+def held_open(path: Path) -> bool:
+    """Whether another process has ``path`` open with HDF5 file locking (a reader).
+
+    HDF5 (1.10 and later) takes ``flock(LOCK_SH)`` for a reader and ``LOCK_EX`` for a
+    writer, for as long as the file is open; a free file takes our exclusive lock for a
+    moment.  A reader that opens in that moment gets HDF5's "unable to lock file" error,
+    the same as while the writer appends, which it may retry.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)  # closing drops the lock
     return False
+
+
+def probe_volume(data_dir: Path) -> str | None:
+    """Why the volume under ``data_dir`` cannot take writes, or None when it can.
+
+    Creates, writes, syncs and removes a small file: what every append needs.  The writer
+    asks this when a day file fails, to tell a broken file (the objects of that day wait)
+    from a broken volume (nothing can be written: answer 5xx).
+    """
+    directory = Path(data_dir)
+    if not directory.is_dir():
+        return f"{directory} is not a directory (volume not mounted?)"
+    probe = directory / f".write-probe-{os.getpid()}-{threading.get_ident()}"
+    try:
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            os.write(fd, b"probe")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        probe.unlink()
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            probe.unlink()
+        return f"{directory} cannot be written: {exc.strerror or exc}"
+    return None
 
 
 def day_file_path(data_dir: Path, day: date) -> Path:
@@ -534,7 +636,15 @@ class DayFile:
         try:
             if not self.path.exists():
                 self._create_file()
-            self._file = h5py.File(self.path, "r+")
+            try:
+                self._file = h5py.File(self.path, "r+")
+            except OSError as exc:
+                if _lock_conflict(exc):
+                    raise DayFileBusy(
+                        f"{self.path} is held open by another process (a reader): "
+                        "HDF5 cannot lock it"
+                    ) from exc
+                raise
             self._ensure_ledger()
             self._repair()
         except BaseException as exc:
@@ -544,8 +654,8 @@ class DayFile:
                 log.warning("%s: closing after a failed open: %s", self.path, close_error)
             finally:
                 self._lock.release()
-            if _volume_failure(exc):
-                raise DayFileIOError(f"{self.path}: {exc}") from exc
+            if not isinstance(exc, DayFileError) and _volume_failure(exc):
+                raise DayFileIOError(failure_errno(exc), f"{self.path}: {exc}") from exc
             raise
         return self
 
@@ -561,7 +671,9 @@ class DayFile:
             if exc is not None:  # the append's own error says more; do not mask it
                 log.warning("%s: closing after a failed append: %s", self.path, close_error)
             elif _volume_failure(close_error):
-                raise DayFileIOError(f"{self.path}: {close_error}") from close_error
+                raise DayFileIOError(
+                    failure_errno(close_error), f"{self.path}: {close_error}"
+                ) from close_error
             else:
                 raise
         finally:
@@ -726,7 +838,7 @@ class DayFile:
 
     def ingested(self, key: str) -> bool:
         """Whether ``key`` is committed in this file's ledger (its rows are all here)."""
-        return _key_bytes(key) in self._committed_keys()
+        return ledger_entry(key) in self._committed_keys()
 
     # -- appending
 
@@ -750,7 +862,7 @@ class DayFile:
         todo: list[BatchPart] = []
         seen: set[bytes] = set()
         for part in parts:
-            key = _key_bytes(part.key)
+            key = ledger_entry(part.key)
             if key in committed or key in seen:
                 report.skipped_duplicates.append(part.key)
                 continue
@@ -776,7 +888,7 @@ class DayFile:
             except Exception:
                 log.exception("%s: rollback failed; the next open retries it", self.path)
             if _volume_failure(exc):
-                raise DayFileIOError(f"{self.path}: {exc}") from exc
+                raise DayFileIOError(failure_errno(exc), f"{self.path}: {exc}") from exc
             raise
 
     def _check_existing(self, stations: Mapping[str, _StationWork]) -> None:
@@ -889,7 +1001,7 @@ class DayFile:
         keys = np.zeros(len(todo), dtype=KEYS_DTYPE)
         for index, part in enumerate(todo):
             keys[index] = (
-                _key_bytes(part.key), part.etag.encode("utf-8")[:64], part.station,
+                ledger_entry(part.key), part.etag.encode("utf-8")[:64], part.station,
                 events_per_key[index], txn, PENDING, 0.0,
             )
         _append_rows(keys_ds, keys)
@@ -927,7 +1039,10 @@ class DayFile:
             work.keys.append(part.key)
             work.events.extend(part.events)
         for work in stations.values():
-            work.batch = build_table_rows(work.events, context=work.origin)
+            try:
+                work.batch = build_table_rows(work.events, context=work.origin)
+            except Exception as exc:
+                raise RowsError(f"station {work.station}: {type(exc).__name__}: {exc}") from exc
         return stations
 
     def _station_group(self, work: _StationWork) -> h5py.Group:
@@ -952,20 +1067,38 @@ def _table_complete(node: object, dtype: np.dtype) -> bool:
     )
 
 
-def _key_bytes(key: str) -> bytes:
+#: How a key too long for the ledger's column is recorded instead.
+LONG_KEY_PREFIX = b"sha256:"
+
+
+def ledger_entry(key: str) -> bytes:
+    """The ledger's record of a bucket key: the key itself, or a digest of a long one.
+
+    S3 keys may be up to 1024 bytes, the ledger's column holds 256: a longer key is
+    recorded as ``sha256:<hex>`` of its UTF-8 bytes (71 bytes, and no key the upload
+    writes starts with ``sha256:``), so it is still written exactly once.
+    """
     data = key.encode("utf-8")
     if len(data) > KEY_BYTES:
-        raise DayFileError(f"bucket key longer than {KEY_BYTES} bytes: {key[:80]}...")
+        return LONG_KEY_PREFIX + hashlib.sha256(data).hexdigest().encode()
     return data
+
+
 
 
 __all__ = [
     "AppendReport",
     "BatchPart",
     "DayFile",
+    "DayFileBusy",
     "DayFileError",
     "DayFileIOError",
     "DayFileLocked",
+    "RowsError",
     "day_file_path",
+    "held_open",
+    "is_volume_failure",
+    "ledger_entry",
+    "probe_volume",
 ]
 

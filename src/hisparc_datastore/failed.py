@@ -174,7 +174,7 @@ def retry(bucket: Bucket, settings: Settings, keys: Sequence[str]) -> RetryResul
             result.failed[key] = "not in failed/"
     if not moved:
         return result
-    written = process_keys(moved, bucket, settings)
+    written = process_keys(moved, bucket, settings, respect_schedule=False)
     for key in list(written.already_done):
         again = FAILED + key.removeprefix(INCOMING)
         metadata = bucket.metadata(again)

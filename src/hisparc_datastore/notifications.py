@@ -29,10 +29,12 @@ Accepted shapes
 What is ignored (returned in ``Notification.ignored`` with the reason, never an error):
 the S3 test event (``s3:TestEvent``), events other than object creation (ObjectRemoved,
 ObjectAccessed, ...), keys outside ``incoming/`` (the writer's own moves to ``archive/``
-and ``failed/`` notify too), and, when ``bucket`` is given, keys in other buckets.
+and ``failed/`` notify too), keys no S3 server can hold (not UTF-8, over 1024 bytes),
+and, when ``bucket`` is given, keys in other buckets.
 
-A body that is none of these raises :class:`NotificationError`: the HTTP layer answers
-400, because retrying garbage can never succeed.
+A body that is none of these raises :class:`NotificationError` (and nothing else does,
+whatever the body: malformed, nested deeper than the parser recurses, of unexpected
+types): the HTTP layer answers 400, because retrying garbage can never succeed.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import unquote_plus
 
-from .bucket import INCOMING
+from .bucket import INCOMING, valid_key
 
 #: CloudEvent type of a sweep request (e.g. from a scheduler).
 SWEEP_TYPE = "org.hisparc.datastore.sweep"
@@ -96,10 +98,17 @@ def _media_type(content_type: str) -> str:
 
 
 def _load_json(data: bytes | str, what: str) -> Any:
+    """Parse JSON; anything that is not (or nests deeper than the parser can) is a 400.
+
+    The parser recurses per level of nesting: a body of 100,000 ``[`` raises
+    ``RecursionError``, which must be the sender's error, not a 500.
+    """
     try:
         return json.loads(data)
     except (ValueError, UnicodeDecodeError) as exc:
         raise NotificationError(f"{what} is not JSON: {exc}") from None
+    except RecursionError:
+        raise NotificationError(f"{what} nests too deeply") from None
 
 
 def _is_create(event_name: str) -> bool:
@@ -111,6 +120,9 @@ def _classify(
 ) -> ObjectRef | Ignored:
     if not _is_create(event_name):
         return Ignored(bucket, key, event_name, "not an object-created event")
+    if not valid_key(key):
+        return Ignored(bucket, key.encode("utf-8", "replace").decode(), event_name,
+                       "not a key S3 can hold (1 to 1024 bytes of UTF-8)")
     if not key.startswith(INCOMING):
         return Ignored(bucket, key, event_name, "outside incoming/")
     if wanted_bucket is not None and bucket != wanted_bucket:

@@ -31,7 +31,16 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from xml.sax.saxutils import escape
 
-from .bucket import PICKLE_CONTENT_TYPE, BucketError, ObjectInfo, ObjectMissing, StoredObject
+from .bucket import (
+    PICKLE_CONTENT_TYPE,
+    RETRYABLE_4XX,
+    BucketError,
+    ObjectInfo,
+    ObjectMissing,
+    ObjectRefused,
+    StoredObject,
+    valid_key,
+)
 from .config import Settings
 
 UNSIGNED = "UNSIGNED-PAYLOAD"
@@ -198,6 +207,8 @@ class DirectS3:
         headers: Mapping[str, str] | None = None,
         query: str = "",
     ) -> _Answer:
+        if key is not None and not valid_key(key):
+            raise ObjectRefused(f"{method}: key {key[:80]!r} is not 1 to 1024 bytes of UTF-8")
         path = self._prefix + (uri_encode(key) if key is not None else "")
         if key is None and self._prefix != "/":
             path = path.rstrip("/")
@@ -238,7 +249,10 @@ class DirectS3:
         code = _error_code(answer.body) if answer.body else ""
         if answer.status == 404 and code in ("", "NoSuchKey", "NotFound"):
             return ObjectMissing(str(key))
-        return BucketError(f"{method} {key}: HTTP {answer.status} {code}".rstrip())
+        text = f"{method} {key}: HTTP {answer.status} {code}".rstrip()
+        if key is not None and 400 <= answer.status < 500 and answer.status not in RETRYABLE_4XX:
+            return ObjectRefused(text)
+        return BucketError(text)
 
     # -- operations --------------------------------------------------------------------
 
@@ -304,6 +318,8 @@ class DirectS3:
 
     def copy(self, source: str, target: str) -> None:
         """Server-side copy, metadata included (``x-amz-metadata-directive: COPY``)."""
+        if not valid_key(source):
+            raise ObjectRefused(f"COPY: key {source[:80]!r} is not 1 to 1024 bytes of UTF-8")
         headers = {
             "x-amz-copy-source": f"/{uri_encode(self.name)}/{uri_encode(source)}",
             "x-amz-metadata-directive": "COPY",
@@ -314,7 +330,10 @@ class DirectS3:
             code = _error_code(answer.body)
             if code == "NoSuchKey" or (answer.status == 404 and not code):
                 raise ObjectMissing(source)
-            raise BucketError(f"COPY {source} -> {target}: HTTP {answer.status} {code}".rstrip())
+            text = f"COPY {source} -> {target}: HTTP {answer.status} {code}".rstrip()
+            if 400 <= answer.status < 500 and answer.status not in RETRYABLE_4XX:
+                raise ObjectRefused(text)
+            raise BucketError(text)
 
     def delete(self, key: str) -> None:
         answer = self._request("DELETE", key)

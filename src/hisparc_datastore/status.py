@@ -1,10 +1,11 @@
 """``datastore status``: what the datastore holds and whether it is keeping up, at a glance.
 
-Three questions an operator asks: is anything stuck (objects left under ``incoming/``,
-held in ``suspicious/``, quarantined in ``failed/``), when was the last write (newest
-archived object, newest day file), and what do the day files contain (rows per table,
-summed over stations).  Collecting is separate from formatting so the layout is tested
-on fixed figures.
+Three questions an operator asks: is anything stuck (objects left under ``incoming/``
+and *why they wait*: the writer's retry records and day files held open by readers; held
+in ``suspicious/``, quarantined in ``failed/``), when was the last write (newest archived
+object, newest day file), and what do the day files contain (rows per table, summed over
+stations).  Collecting is separate from formatting so the layout is tested on fixed
+figures.
 """
 
 from __future__ import annotations
@@ -20,10 +21,11 @@ from pathlib import Path
 
 import h5py
 
-from .bucket import LEGACY_IMPORT, PREFIXES, RETRYING, Bucket, BucketError
+from .bucket import DEFERRED, LEGACY_IMPORT, PREFIXES, RETRYING, Bucket, BucketError
 from .config import CONFIG_ENV, ConfigError, load_settings
-from .daystore import day_file_path
+from .daystore import day_file_path, held_open
 from .local import DEFAULT_STATE_DIR, stack_environment
+from .retries import Backoff, RetryBook, RetryRecord
 from .schema import ROOT_GROUP, TABLE_NAMES
 
 DAY_FILE_NAME = re.compile(r"^(\d{4})_(\d{1,2})_(\d{1,2})\.h5$")
@@ -58,12 +60,18 @@ class StatusReport:
     bucket_error: str | None
     data_dir: Path
     days: list[DayFileStats]
+    #: Why objects wait in incoming/: the writer's retry records (None: not readable) ...
+    records: list[RetryRecord] | None = None
+    #: ... and day files a reader holds open (their batches wait for it to close).
+    held: list[DayFileStats] = field(default_factory=list)
+    backoff: Backoff = field(default_factory=Backoff)
 
 
 # ----------------------------------------------------------------------------- collect
 
-#: The writer's prefixes, then the operators' (empty unless a tool left something there).
-STATUS_PREFIXES = (*PREFIXES, RETRYING, LEGACY_IMPORT)
+#: The writer's prefixes, then its retry records, then the operators' (empty unless a
+#: tool left something there).
+STATUS_PREFIXES = (*PREFIXES, DEFERRED, RETRYING, LEGACY_IMPORT)
 
 
 def prefix_stats(bucket: Bucket, prefix: str) -> PrefixStats:
@@ -145,15 +153,21 @@ def day_file_stats(day: dt.date, path: Path, attempts: int = 5) -> DayFileStats:
     return DayFileStats(day, path, stat.st_size, modified, error=error)
 
 
-def collect(bucket: Bucket, data_dir: Path) -> StatusReport:
+def collect(bucket: Bucket, data_dir: Path, backoff: Backoff | None = None) -> StatusReport:
     prefixes: list[PrefixStats] | None = None
+    records: list[RetryRecord] | None = None
     bucket_error = None
     try:
         prefixes = [prefix_stats(bucket, prefix) for prefix in STATUS_PREFIXES]
+        book = RetryBook(bucket)
+        book.load()
+        records = book.records()
     except BucketError as exc:
         bucket_error = str(exc)
     days = [day_file_stats(day, path) for day, path in find_day_files(data_dir)]
-    return StatusReport(bucket.name, bucket.endpoint, prefixes, bucket_error, data_dir, days)
+    held = [day for day in days if held_open(day.path)]
+    return StatusReport(bucket.name, bucket.endpoint, prefixes, bucket_error, data_dir, days,
+                        records, held, backoff or Backoff())
 
 
 # ------------------------------------------------------------------------------ format
@@ -219,11 +233,13 @@ def format_report(report: StatusReport, now: dt.datetime, days: int = DEFAULT_DA
         lines += align(rows, right=(1, 2))
         waiting = {p.prefix: p.objects for p in report.prefixes if p.objects}
         if waiting.get("failed/"):
-            lines.append("  note: failed/ holds undecodable objects; "
-                         "see their failure-reason metadata")
+            lines.append("  note: failed/ holds objects the writer gave up on; see "
+                         "`datastore failed list` for each one's reason")
         if waiting.get(RETRYING):
             lines.append(f"  note: {RETRYING} holds objects of an interrupted "
                          "'datastore failed retry'; run it again to finish them")
+
+    lines += format_waiting(report, now)
 
     archived = None
     if report.prefixes is not None:
@@ -265,6 +281,29 @@ def format_report(report: StatusReport, now: dt.datetime, days: int = DEFAULT_DA
     return "\n".join(lines) + "\n"
 
 
+def format_waiting(report: StatusReport, now: dt.datetime) -> list[str]:
+    """Why objects wait in incoming/: retry records and day files held open by readers."""
+    incoming = next((p.objects for p in report.prefixes or () if p.prefix == "incoming/"), 0)
+    records = report.records or []
+    if not (records or report.held):
+        return []
+    days = [r for r in records if r.subject == "day"]
+    objects = [r for r in records if r.subject == "object"]
+    lines = ["", f"Waiting in incoming/ ({incoming} objects): {len(report.held)} day files "
+                 f"held open by readers, {len(days)} day files and {len(objects)} objects "
+                 "with retry records"]
+    rows = [["waits for", "why"]]
+    rows += [[f"day {held.day}", f"{held.path.name} is held open by a reader: its objects "
+              "are written within seconds of it closing"] for held in report.held]
+    moment = now.timestamp()
+    rows += [[f"day {r.name}", r.describe(report.backoff, moment)] for r in days]
+    rows += [[r.name, r.describe(report.backoff, moment)] for r in objects]
+    lines += align(rows)
+    lines.append("  after the last attempt the objects go to failed/ (`datastore failed "
+                 "list`); a fixed day file is retried at its next attempt")
+    return lines
+
+
 def _below(path: Path, root: Path) -> str:
     try:
         return str(path.relative_to(root))
@@ -296,6 +335,6 @@ def run(args: argparse.Namespace) -> int:
             raise
         raise ConfigError(f"{exc}, or run `datastore local` (state in {args.state_dir})") from None
     bucket = Bucket.from_settings(settings, connect_timeout=3.0, read_timeout=20.0, max_attempts=2)
-    report = collect(bucket, settings.data_dir)
+    report = collect(bucket, settings.data_dir, Backoff.from_settings(settings))
     sys.stdout.write(format_report(report, dt.datetime.now(dt.UTC), args.days))
     return 0 if report.prefixes is not None else 1

@@ -1,7 +1,9 @@
 """``datastore sweep [--watch] [--limit N]``: write everything still under ``incoming/``.
 
 The safety net for lost notifications, and the writer of deployments without any.  Once:
-one sweep, exit status 0 when nothing failed, 1 when something is left for a retry.
+one sweep, exit status 0 when everything was written (or quarantined), 1 when something
+is left in ``incoming/``: failed (an outage) or deferred (it waits for a day file or a
+retry record; ``datastore status`` says why).
 ``--watch``: a sweep every ``[Writer] sleep`` seconds until SIGINT or SIGTERM, one log
 line per round; an error in one round (the bucket down, or anything unexpected) is
 logged and the next round tries again.  A signal lets the current chunk finish, so no
@@ -68,8 +70,11 @@ def run(args: argparse.Namespace) -> int:
 
     if not args.watch:
         result = _round(bucket, settings, args.limit, stop)
-        log.log(logging.INFO if result.ok else logging.WARNING, "sweep: %s", result.summary())
-        return 0 if result.ok else 1
+        finished = result.ok and not result.deferred
+        log.log(logging.INFO if finished else logging.WARNING, "sweep: %s", result.summary())
+        for key, deferral in sorted(result.deferred.items())[:20]:
+            log.info("waits: %s: %s", key, deferral.reason)
+        return 0 if finished else 1
 
     def request_stop(signum: int, frame: FrameType | None) -> None:
         log.info("sweep: %s received, stopping after this round",

@@ -12,18 +12,32 @@ every day file it touches *and* its archive copy exists.  A crash anywhere befor
 leaves it in ``incoming/``; the next notification or sweep appends it again, and the day
 file's ingest ledger (keyed by object key) turns that second append into a no-op.
 
-Outcomes per object (one of):
+Outcomes per object (one of), and what the HTTP layer answers for them:
 - archived: rows written (or already in the ledger, or every event skipped by the event
   rules) and the object moved to ``archive/<YYYY>/<MM>/<DD>/...`` by its receive date;
 - already done: the object is no longer in ``incoming/`` (a duplicate notification, or
   another writer was faster);
-- quarantined: the bytes cannot be decoded (:class:`~.payload.PayloadError`) or a write of
-  just this object's rows fails for a reason that retrying cannot fix; the object moves
-  to ``failed/...`` with a short ASCII ``failure-reason`` in its metadata.  Never retried,
-  so a poison object cannot loop;
-- failed: a transient error (the bucket, the volume, a lock held too long) survived the
-  retries.  Nothing is lost: the object stays in ``incoming/``; the HTTP layer answers 5xx
-  so the sender retries, and the sweep picks it up anyway.
+- refused: the S3 server refuses the key itself (a NUL byte, say) and no listing shows
+  it: nothing is stored under it, so there is nothing to write;
+- quarantined: the bytes cannot be decoded (:class:`~.payload.PayloadError`), the rows of
+  just this object cannot be built, or its retries ran out; the object moves to
+  ``failed/...`` with a short ASCII ``failure-reason`` in its metadata;
+- deferred: a problem of this object or of one of its day files, not of the writer: a day
+  file held open by a reader (written when the reader closes it), a day file that cannot
+  be written (a retry record per day), an object without a cluster or that cannot be
+  archived (a retry record per object).  The object stays in ``incoming/``; the backlog
+  of the serving process and every sweep retry it with back-off (:mod:`.retries`), and
+  after ``Backoff.attempts`` failures it is quarantined with the record's reason;
+- failed: an outage of the whole writer (the bucket unreachable, the volume full,
+  read-only or gone, out of memory), which retrying in a moment may cure.  Nothing is
+  lost: the object stays in ``incoming/`` and the HTTP layer answers 5xx, so the sender
+  retries; the sweep picks it up anyway.
+
+Only *failed* makes a notification's answer 5xx: one bad object or one bad day file never
+stalls the notification queue behind it (MinIO delivers in order and retries the head for
+ever).  To tell a broken day file from a broken volume, a failed append is followed by
+:func:`~.daystore.probe_volume`; to tell a refused key from a refusing bucket, by a HEAD
+that must answer.
 
 Station and cluster come from the object's metadata (the upload function sets both; the
 cluster percent-encoded).  When they are missing, the station number comes from the key
@@ -55,13 +69,24 @@ from .bucket import (
     BucketError,
     ObjectInfo,
     ObjectMissing,
+    ObjectRefused,
     StoredObject,
     archive_key,
     failed_key,
 )
 from .config import Settings
-from .daystore import AppendReport, BatchPart, DayFile, DayFileError, DayFileLocked, day_file_path
+from .daystore import (
+    AppendReport,
+    BatchPart,
+    DayFile,
+    DayFileBusy,
+    RowsError,
+    day_file_path,
+    is_volume_failure,
+    probe_volume,
+)
 from .payload import PayloadError, decode_batch
+from .retries import DEFAULT_BACKOFF, Backoff, RetryBook, RetryRecord, day_name
 from .rows import SkipReport, split_by_day
 from .s3direct import DirectS3
 from .stations import StationList
@@ -70,9 +95,10 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-#: Errors worth retrying: the bucket, the volume, a day file locked by another writer
-#: (:class:`~.daystore.DayFileLocked` is a TimeoutError).
+#: Errors worth retrying at once: the bucket, the volume.
 TRANSIENT: tuple[type[BaseException], ...] = (BucketError, OSError, TimeoutError)
+#: ... except these, which a moment's wait cannot change.
+FINAL: tuple[type[BaseException], ...] = (ObjectMissing, ObjectRefused, DayFileBusy)
 
 #: A chunk holds at most this many objects, or this many body bytes (a single larger
 #: object forms a chunk of its own).  Bounds memory; large enough to amortise file opens.
@@ -80,8 +106,11 @@ CHUNK_OBJECTS = 1000
 CHUNK_BYTES = 8 * 1024 * 1024
 #: Concurrent S3 requests (boto3 clients are thread-safe; the work is mostly waiting).
 S3_THREADS = 8
-#: Seconds to wait for another writer's lock on a day file before calling it transient.
-LOCK_TIMEOUT = 60.0
+#: Seconds to wait for another writer (a sweep thread, another revision) to release a day
+#: file before the objects are deferred.  Short: a notification must be answered well
+#: within the sender's patience (MinIO's webhook client gives up after 60 s), and one
+#: chunk of another writer's appends takes well under a second.
+LOCK_TIMEOUT = 5.0
 #: The sweep lists ``incoming/`` in windows of at least this many keys, cut at a station
 #: boundary, and processes each window oldest first (see :func:`sweep`).
 LIST_WINDOW = 10_000
@@ -103,6 +132,26 @@ class RetryPolicy:
 DEFAULT_RETRY = RetryPolicy()
 
 
+@dataclass(frozen=True)
+class Deferral:
+    """Why an object waits in ``incoming/`` and when it is worth trying again.
+
+    ``busy`` holds the days whose files another process holds open (no retry record:
+    try again when the file is free); ``next_try`` is the earliest time a retry record
+    allows (unix time; None when only busy files stand in the way).
+    """
+
+    reason: str
+    busy: frozenset[dt.date] = frozenset()
+    next_try: float | None = None
+
+    def merged(self, other: Deferral) -> Deferral:
+        tries = [t for t in (self.next_try, other.next_try) if t is not None]
+        reasons = self.reason if other.reason in self.reason else f"{self.reason}; {other.reason}"
+        return Deferral(short_reason(reasons), self.busy | other.busy,
+                        min(tries) if tries else None)
+
+
 @dataclass
 class WriteResult:
     """What happened to each object; ``ok`` decides between 2xx and 5xx."""
@@ -110,6 +159,8 @@ class WriteResult:
     archived: list[str] = field(default_factory=list)
     already_done: list[str] = field(default_factory=list)
     quarantined: dict[str, str] = field(default_factory=dict)
+    deferred: dict[str, Deferral] = field(default_factory=dict)
+    refused: dict[str, str] = field(default_factory=dict)
     failed: dict[str, str] = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)  # failures not tied to one object
     rows: int = 0
@@ -118,18 +169,22 @@ class WriteResult:
 
     @property
     def ok(self) -> bool:
+        """No outage: every object ended somewhere, or waits for a reason of its own."""
         return not self.failed and not self.errors
 
     @property
     def objects(self) -> int:
         return (
-            len(self.archived) + len(self.already_done) + len(self.quarantined) + len(self.failed)
+            len(self.archived) + len(self.already_done) + len(self.quarantined)
+            + len(self.deferred) + len(self.refused) + len(self.failed)
         )
 
     def merge(self, other: WriteResult) -> None:
         self.archived += other.archived
         self.already_done += other.already_done
         self.quarantined.update(other.quarantined)
+        self.deferred.update(other.deferred)
+        self.refused.update(other.refused)
         self.failed.update(other.failed)
         self.errors += other.errors
         self.rows += other.rows
@@ -138,10 +193,14 @@ class WriteResult:
 
     def summary(self) -> str:
         errors = "".join(f"; {error}" for error in self.errors)
+        extra = "".join(
+            f", {len(found)} {name}" for name, found in
+            (("deferred", self.deferred), ("refused", self.refused)) if found
+        )
         return (
             f"{self.objects} objects: {len(self.archived)} archived, "
-            f"{len(self.already_done)} already done, {len(self.quarantined)} quarantined, "
-            f"{len(self.failed)} failed; {self.rows} rows written, "
+            f"{len(self.already_done)} already done, {len(self.quarantined)} quarantined"
+            f"{extra}, {len(self.failed)} failed; {self.rows} rows written, "
             f"{self.skipped_events} events skipped, {self.seconds:.2f} s{errors}"
         )
 
@@ -150,6 +209,8 @@ class WriteResult:
             "archived": len(self.archived),
             "already_done": len(self.already_done),
             "quarantined": self.quarantined,
+            "deferred": {key: deferral.reason for key, deferral in self.deferred.items()},
+            "refused": self.refused,
             "failed": self.failed,
             "errors": self.errors,
             "rows": self.rows,
@@ -161,6 +222,11 @@ class WriteResult:
 # --------------------------------------------------------------------------------------
 # Pure helpers
 # --------------------------------------------------------------------------------------
+
+
+def _never() -> bool:
+    return False
+
 
 
 class NoCluster(Exception):
@@ -286,15 +352,20 @@ def oldest_first(infos: list[ObjectInfo]) -> list[ObjectInfo]:
 # --------------------------------------------------------------------------------------
 
 
-def with_retry(action: Callable[[], T], what: str, retry: RetryPolicy) -> T:
-    """Run ``action``; on a transient error wait and try again, then re-raise."""
+def with_retry(action: Callable[[], T], what: str, retry: RetryPolicy,
+               worth_it: Callable[[BaseException], bool] | None = None) -> T:
+    """Run ``action``; on a transient error wait and try again, then re-raise.
+
+    Missing and refused objects and busy day files are final at once (see ``FINAL``);
+    ``worth_it`` narrows further which transient errors earn another attempt.
+    """
     for attempt, delay in enumerate((*retry.delays, None), start=1):
         try:
             return action()
-        except (ObjectMissing, DayFileLocked):
-            raise  # not there: nothing to retry; locked: the lock wait was the retry
+        except FINAL:
+            raise
         except TRANSIENT as exc:
-            if delay is None:
+            if delay is None or (worth_it is not None and not worth_it(exc)):
                 raise
             log.warning("%s failed (attempt %d): %s; retrying in %.1f s",
                         what, attempt, short_reason(exc), delay)
@@ -436,7 +507,7 @@ class _Archiving:
 
     result: WriteResult
     plans: list[_Plan]
-    outcomes: _Pending[str | None]  # per plan: None (archived) or why not
+    outcomes: _Pending[Exception | None]  # per plan: None (archived) or why not
 
 
 @dataclass
@@ -449,8 +520,28 @@ class _Plan:
     days: dict[dt.date, list[dict[str, Any]]]
     pending_days: set[dt.date] = field(default_factory=set)
     copy_archive: bool = False  # archive by server-side copy (the body was dropped)
-    error: str | None = None  # transient failure on one of its days
-    poison: str | None = None  # non-transient failure writing its rows
+    error: str | None = None  # an outage on one of its days: answer 5xx
+    poison: str | None = None  # its own rows cannot be built: quarantine
+    waiting: Deferral | None = None  # a day of its waits (busy, or a retry record)
+    give_up: str | None = None  # a day's retries ran out: quarantine with this reason
+
+    def wait(self, deferral: Deferral) -> None:
+        self.waiting = deferral if self.waiting is None else self.waiting.merged(deferral)
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How one call of :func:`process_keys` or :func:`sweep` treats failures."""
+
+    retry: RetryPolicy = DEFAULT_RETRY  # in-call retries of transient errors
+    lock_timeout: float = LOCK_TIMEOUT  # wait for another writer's day-file lock
+    backoff: Backoff = DEFAULT_BACKOFF  # between deferred attempts, and when to give up
+    #: False: try day files now even if their retry record says later (an operator's
+    #: ``datastore failed retry`` after a fix).
+    respect_schedule: bool = True
+    #: Called after every step that reached the bucket or the volume: a serving process
+    #: tells a long, healthy run from one stuck in I/O by it (its liveness check).
+    progress: Callable[[], object] = _never
 
 
 class _Run:
@@ -460,18 +551,21 @@ class _Run:
         self,
         store: ObjectStore,
         settings: Settings,
-        retry: RetryPolicy,
+        options: RunOptions,
         pool: Executor | None,
-        lock_timeout: float,
+        book: RetryBook,
     ) -> None:
         self.store = store
         self.settings = settings
-        self.retry = retry
+        self.options = options
+        self.retry = options.retry
         self.pool = pool
-        self.lock_timeout = lock_timeout
+        self.book = book
         self.cluster_of = _cluster_lookup(settings)
         self.deletes: list[Future[None]] = []  # background DeleteObjects of archived chunks
         self.bucket_trouble = False  # a bucket error survived its retries in this run
+        self.volume_trouble = False  # the data volume cannot take writes
+        self._bucket_answers: bool | None = None
 
     def spawn(self, function: Callable[[Any], T], items: Sequence[Any]) -> _Pending[T]:
         """``function`` over ``items`` on the S3 threads, a few slices per thread.
@@ -487,12 +581,35 @@ class _Run:
             for start in range(0, len(items), size)
         ])
 
+    @property
+    def trouble(self) -> bool:
+        """An outage: the run stops taking new chunks (everything would fail alike)."""
+        return self.bucket_trouble or self.volume_trouble
+
+    def bucket_answers(self) -> bool:
+        """Whether the bucket works for a key it surely does not refuse (asked once a run).
+
+        A 4xx about one key may still be the bucket's (wrong region or credentials answer
+        4xx for every key): only when this HEAD answers is a refusal the key's own.
+        """
+        if self._bucket_answers is None:
+            try:
+                self.store.head(f"{INCOMING}.probe")
+                self._bucket_answers = True
+            except BucketError as exc:
+                log.error("the bucket does not answer: %s", short_reason(exc))
+                self._bucket_answers = False
+                self.bucket_trouble = True
+        return self._bucket_answers
+
     # -- fetching ----------------------------------------------------------------------
 
     def fetch(self, key: str) -> StoredObject | ObjectMissing | Exception:
         try:
-            return with_retry(lambda: self.store.get(key), f"get {key}", self.retry)
-        except ObjectMissing as exc:
+            stored = with_retry(lambda: self.store.get(key), f"get {key}", self.retry)
+            self.options.progress()
+            return stored
+        except (ObjectMissing, ObjectRefused) as exc:
             return exc
         except TRANSIENT as exc:
             self.bucket_trouble = True
@@ -502,10 +619,21 @@ class _Run:
         """HEAD: the object's size (and whether it is still there)."""
         try:
             info = with_retry(lambda: self.store.head(key), f"head {key}", self.retry)
+        except ObjectRefused as exc:
+            return exc
         except TRANSIENT as exc:
             self.bucket_trouble = True
             return exc
         return ObjectMissing(key) if info is None else info
+
+    def listed(self, key: str) -> bool:
+        """Whether a listing shows ``key`` (for a key whose GET the server refuses)."""
+        try:
+            return any(info.key == key for info in self.store.list(key))
+        except ObjectRefused:
+            return False
+        except BucketError:
+            return True  # cannot tell: treat it as there, so it is never dropped
 
     # -- one chunk ---------------------------------------------------------------------
 
@@ -536,8 +664,14 @@ class _Run:
             key = plan.stored.key
             if plan.poison is not None:
                 self._quarantine(plan.stored, plan.poison, result)
-            elif plan.error is not None or plan.pending_days:
-                result.failed[key] = plan.error or "not every day file was written"
+            elif plan.error is not None:
+                result.failed[key] = plan.error
+            elif plan.give_up is not None:
+                self._quarantine(plan.stored, plan.give_up, result)
+            elif plan.waiting is not None:
+                result.deferred[key] = plan.waiting
+            elif plan.pending_days:
+                result.failed[key] = "not every day file was written"
             else:
                 done.append(plan)
         return _Archiving(result, done, self.spawn(self._copy_to_archive, done))
@@ -545,12 +679,20 @@ class _Run:
     def finish(self, archiving: _Archiving) -> WriteResult:
         """Wait for the archive copies, then drop the archived objects from incoming/."""
         result = archiving.result
+        outcomes = archiving.outcomes.results()
+        self.options.progress()
         archived: list[str] = []
-        for plan, error in zip(archiving.plans, archiving.outcomes.results(), strict=True):
+        for plan, error in zip(archiving.plans, outcomes, strict=True):
+            key = plan.stored.key
             if error is None:
-                archived.append(plan.stored.key)
+                archived.append(key)
+                self.book.cleared("object", key)
+            elif isinstance(error, ObjectRefused) and self.bucket_answers():
+                self._object_trouble(plan.stored, f"cannot archive: {short_reason(error)}",
+                                     result)
             else:
-                result.failed[plan.stored.key] = error
+                self.bucket_trouble = True
+                result.failed[key] = short_reason(error)
         if len(archived) > 1 and self.pool is not None:
             self.deletes.append(self.pool.submit(self._delete_incoming, archived))
         elif archived:
@@ -572,8 +714,8 @@ class _Run:
         Besides :class:`PayloadError`, any other exception from decoding or splitting is
         a quarantine too (logged with its traceback): one object that trips a bug must
         not stop every later sweep at the same place.  Except ``MemoryError``: that is
-        transient (the upload treats it so too), and a good batch must not need a
-        ``datastore failed retry`` because the writer was short of memory once.
+        the writer's outage (the upload treats it so too), and a good batch must not need
+        a ``datastore failed retry`` because the writer was short of memory once.
         """
         plans: list[_Plan] = []
         for index, key in enumerate(keys):
@@ -583,6 +725,9 @@ class _Run:
             if isinstance(item, ObjectMissing):
                 log.debug("%s is no longer in incoming/: already processed", key)
                 result.already_done.append(key)
+                continue
+            if isinstance(item, ObjectRefused):
+                self._refused(key, item, result)
                 continue
             if isinstance(item, Exception):
                 result.failed[key] = short_reason(item)
@@ -610,8 +755,8 @@ class _Run:
                 self._quarantine(stored, f"bad metadata: {short_reason(str(exc))}", result)
                 continue
             except NoCluster as exc:
-                log.error("%s: %s; left in incoming/", key, exc)
-                result.failed[key] = short_reason(str(exc))
+                # A configuration gap (the station list not yet updated): wait for the fix.
+                self._object_trouble(stored, short_reason(str(exc)), result)
                 continue
             if skipped.total:
                 result.skipped_events += skipped.total
@@ -623,6 +768,19 @@ class _Run:
             plans.append(_Plan(stored, station, cluster, days, set(days), copy_archive))
             del events
         return plans
+
+    def _refused(self, key: str, exc: ObjectRefused, result: WriteResult) -> None:
+        """The server refuses to GET ``key``: nothing is there, or it cannot be read."""
+        if not self.bucket_answers():
+            result.failed[key] = short_reason(exc)
+        elif not self.listed(key):
+            log.warning("%s: the S3 server refuses this key and lists no such object; "
+                        "nothing to write (%s)", key, short_reason(exc))
+            result.refused[key] = short_reason(exc)
+        else:
+            info = ObjectInfo(key, "", 0, dt.datetime.now(dt.UTC))
+            stored = StoredObject(key, b"", "", {}, info.last_modified)
+            self._object_trouble(stored, f"cannot be read: {short_reason(exc)}", result)
 
     def _write(self, plans: list[_Plan], result: WriteResult) -> None:
         by_day: dict[dt.date, list[_Plan]] = {}
@@ -647,36 +805,59 @@ class _Run:
         path = day_file_path(self.settings.data_dir, day)
 
         def append() -> AppendReport:
-            with DayFile(path, lock_timeout=self.lock_timeout) as day_file:
+            with DayFile(path, lock_timeout=self.options.lock_timeout) as day_file:
                 return day_file.append(parts)
 
-        return with_retry(append, f"append {len(parts)} objects to {path}", self.retry)
+        # Only a failing volume is worth an immediate second try; a broken file is not.
+        return with_retry(append, f"append {len(parts)} objects to {path}", self.retry,
+                          worth_it=is_volume_failure)
 
     def _write_day(self, day: dt.date, plans: list[_Plan], result: WriteResult) -> None:
-        live = [plan for plan in plans if plan.error is None and plan.poison is None]
+        live = [plan for plan in plans
+                if plan.error is None and plan.poison is None and plan.give_up is None]
         if not live:
+            return
+        if not self.volume_trouble and not self.settings.data_dir.is_dir():
+            # Never created here: an unmounted volume would be written into the container.
+            log.error("data_dir %s is not a directory: is the volume mounted?",
+                      self.settings.data_dir)
+            self.volume_trouble = True
+        if self.volume_trouble:
+            for plan in live:
+                plan.error = "the data volume cannot take writes"
+            return
+        path = day_file_path(self.settings.data_dir, day)
+        record = self.book.day(day)
+        if record is not None and self.options.respect_schedule and not record.due():
+            for plan in live:  # its file failed recently: do not touch it before next_try
+                plan.wait(Deferral(f"day file {path.name}: {record.reason}",
+                                   next_try=record.next_try))
             return
         try:
             report = self._append(day, [self._part(plan, day) for plan in live])
-        except (*TRANSIENT, DayFileError) as exc:
-            # Not the objects' fault (bucket, volume, lock, or a day file that needs an
-            # operator): they stay in incoming/ for the next attempt.
-            reason = short_reason(exc)
-            log.error("day %s: %s; %d objects stay in incoming/", day, reason, len(live))
+        except DayFileBusy as exc:
+            log.info("day %s: %s; %d objects wait for it", day, exc, len(live))
             for plan in live:
-                plan.error = reason
+                plan.wait(Deferral(short_reason(exc), busy=frozenset({day})))
             return
-        except Exception as exc:
+        except RowsError as exc:
             if len(live) == 1:
-                log.exception("%s: its rows for %s cannot be written", live[0].stored.key, day)
-                live[0].poison = f"write failed: {short_reason(exc)}"
+                log.error("%s: its rows for %s cannot be built: %s", live[0].stored.key, day,
+                          exc.__cause__ or exc)
+                live[0].poison = f"write failed: {short_reason(exc.__cause__ or exc)}"
                 return
-            # Something in one object's rows cannot be written: find it, keep the rest.
-            log.exception("day %s: appending %d objects failed; retrying one by one",
-                          day, len(live))
+            # Something in one object's rows cannot be built: find it, keep the rest.
+            log.warning("day %s: rows of %d objects cannot be built (%s); one by one",
+                        day, len(live), short_reason(exc))
             for plan in live:
                 self._write_day(day, [plan], result)
             return
+        except Exception as exc:
+            self._day_trouble(day, path, live, exc)
+            return
+        self.options.progress()
+        if record is not None:
+            self.book.cleared("day", day_name(day))
         result.rows += sum(report.rows.values())
         if report.skipped_events.total:
             result.skipped_events += report.skipped_events.total
@@ -685,7 +866,60 @@ class _Run:
         for plan in live:
             plan.pending_days.discard(day)
 
-    def _copy_to_archive(self, plan: _Plan) -> str | None:
+    def _day_trouble(self, day: dt.date, path: Path, live: list[_Plan],
+                     exc: BaseException) -> None:
+        """An append failed: the volume's outage, or this day file's own problem."""
+        reason = short_reason(exc)
+        problem = reason if is_volume_failure(exc) else probe_volume(self.settings.data_dir)
+        if problem is not None:
+            self.volume_trouble = True
+            log.error("day %s: %s; %d objects stay in incoming/ (outage)", day, problem,
+                      len(live))
+            for plan in live:
+                plan.error = short_reason(problem)
+            return
+        log.error("day %s: the day file cannot be written: %s", day, reason)
+        try:
+            record = self.book.failed("day", day_name(day), f"{path.name}: {reason}")
+        except BucketError as bucket_error:
+            self.bucket_trouble = True
+            for plan in live:
+                plan.error = f"cannot record the retry: {short_reason(bucket_error)}"
+            return
+        if record.exhausted(self.options.backoff):
+            for plan in live:
+                plan.give_up = short_reason(
+                    f"day file unusable after {record.attempts} attempts: {record.reason}"
+                )
+            return
+        log.warning("day %s: %d objects wait, %s", day, len(live),
+                    record.describe(self.options.backoff))
+        for plan in live:
+            plan.wait(Deferral(f"day file {record.reason}", next_try=record.next_try))
+
+    def _object_trouble(self, stored: StoredObject, reason: str, result: WriteResult,
+                        can_quarantine: bool = True) -> None:
+        """A problem of this object alone: count the attempt; wait, or give up.
+
+        ``can_quarantine`` is False when moving it to failed/ is what failed: it then
+        waits at the longest back-off, visible in its record, for an operator.
+        """
+        key = stored.key
+        try:
+            record: RetryRecord = self.book.failed("object", key, reason)
+        except BucketError as exc:
+            self.bucket_trouble = True
+            result.failed[key] = f"{reason}; cannot record the retry: {short_reason(exc)}"
+            return
+        if record.exhausted(self.options.backoff) and can_quarantine:
+            self._quarantine(stored, f"after {record.attempts} attempts: {reason}", result)
+            if stored.key in result.quarantined:
+                self.book.cleared("object", key)
+            return
+        log.warning("%s: waits in incoming/, %s", key, record.describe(self.options.backoff))
+        result.deferred[key] = Deferral(reason, next_try=record.next_try)
+
+    def _copy_to_archive(self, plan: _Plan) -> Exception | None:
         """Put the archive copy (the bytes we hold, verified by Content-MD5)."""
         stored = plan.stored
         target = archive_key(stored.key, received_time(stored.metadata, stored.last_modified))
@@ -699,8 +933,7 @@ class _Run:
         except ObjectMissing:
             log.debug("%s: gone from incoming/, archived by another writer", stored.key)
         except TRANSIENT as exc:
-            self.bucket_trouble = True
-            return short_reason(exc)
+            return exc
         return None
 
     def _delete_incoming(self, keys: list[str]) -> None:
@@ -739,12 +972,21 @@ class _Run:
         except ObjectMissing:
             result.already_done.append(stored.key)  # another writer quarantined it
             return
+        except ObjectRefused as exc:
+            if self.bucket_answers():  # the key cannot even be moved: it waits, visibly
+                self._object_trouble(
+                    stored, f"{reason}; cannot be moved to failed/: {short_reason(exc)}",
+                    result, can_quarantine=False)
+                return
+            result.failed[stored.key] = f"cannot move to failed/: {short_reason(exc)}"
+            return
         except TRANSIENT as exc:
             self.bucket_trouble = True
             result.failed[stored.key] = f"cannot move to failed/: {short_reason(exc)}"
             return
         log.warning("%s quarantined as %s: %s", stored.key, target, reason)
         result.quarantined[stored.key] = reason
+        self.book.cleared("object", stored.key)
 
 
 def boto_delete_many(bucket: Bucket, keys: Sequence[str]) -> list[str]:
@@ -785,7 +1027,7 @@ def _unique_incoming(keys: Iterable[str]) -> list[str]:
 def _pipeline(
     run: _Run, chunks: Iterable[list[ObjectInfo]], should_stop: Callable[[], bool]
 ) -> WriteResult:
-    """Process ``chunks`` in order; returns early on ``should_stop()`` or bucket trouble.
+    """Process ``chunks`` in order; returns early on ``should_stop()`` or an outage.
 
     Chunks of small objects run as a three-stage pipeline: while chunk n is decoded and
     written, chunk n+1 is fetched and chunk n-1's archive copies are put, all by the S3
@@ -805,7 +1047,7 @@ def _pipeline(
         archiving, fetched = written, next_fetch
 
     def stopping() -> bool:
-        return should_stop() or run.bucket_trouble
+        return should_stop() or run.trouble
 
     try:
         for chunk in chunks:
@@ -834,8 +1076,13 @@ def _pipeline(
     return result
 
 
-def _never() -> bool:
-    return False
+def _book(store: ObjectStore, book: RetryBook | None, options: RunOptions) -> RetryBook:
+    """The caller's book (a serving process keeps one), or a fresh one read now."""
+    if book is None:
+        book = RetryBook(store, options.backoff)
+    if not book.loaded:
+        with_retry(book.load, "read the retry records", options.retry)
+    return book
 
 
 def process_keys(
@@ -845,6 +1092,10 @@ def process_keys(
     *,
     retry: RetryPolicy = DEFAULT_RETRY,
     lock_timeout: float = LOCK_TIMEOUT,
+    backoff: Backoff | None = None,
+    respect_schedule: bool = True,
+    book: RetryBook | None = None,
+    progress: Callable[[], object] = _never,
     direct: bool = True,
 ) -> WriteResult:
     """Write the notified objects (duplicates and keys outside incoming/ dropped).
@@ -852,17 +1103,29 @@ def process_keys(
     One key (every MinIO webhook call) is fetched and written directly.  Several keys
     are first sized with HEAD requests, so they can be chunked by bytes like the sweep
     does.  ``direct=False`` keeps every request on boto3 (see :class:`ObjectStore`).
+    ``book`` is the serving process's retry records (read from the bucket when None);
+    ``backoff`` defaults to the settings' ``[Writer] retry_*``.
     """
     started = time.perf_counter()
     wanted = _unique_incoming(keys)
     if not wanted:
         return WriteResult()
+    backoff = backoff or Backoff.from_settings(settings)
+    options = RunOptions(retry, lock_timeout, backoff, respect_schedule, progress)
     with ThreadPoolExecutor(S3_THREADS, thread_name_prefix="writer-s3") as pool:
         store = object_store(bucket, settings, direct)
+        try:
+            records = _book(store, book, options)
+        except BucketError as exc:
+            result = WriteResult(failed={key: short_reason(exc) for key in wanted})
+            result.seconds = time.perf_counter() - started
+            return result
         if len(wanted) == 1:
-            run = _Run(store, settings, retry, None, lock_timeout)
-            return run.process(wanted, [run.fetch(wanted[0])])
-        run = _Run(store, settings, retry, pool, lock_timeout)
+            run = _Run(store, settings, options, None, records)
+            result = run.process(wanted, [run.fetch(wanted[0])])
+            result.seconds = time.perf_counter() - started
+            return result
+        run = _Run(store, settings, options, pool, records)
         sized = run.spawn(run.size, wanted).results()
         result = WriteResult()
         infos: list[ObjectInfo] = []
@@ -871,6 +1134,8 @@ def process_keys(
                 infos.append(info)
             elif isinstance(info, ObjectMissing):
                 result.already_done.append(key)
+            elif isinstance(info, ObjectRefused):
+                run._refused(key, info, result)
             else:
                 result.failed[key] = short_reason(info)
         result.merge(_pipeline(run, chunked(infos), _never))
@@ -885,7 +1150,12 @@ def sweep(
     *,
     retry: RetryPolicy = DEFAULT_RETRY,
     lock_timeout: float = LOCK_TIMEOUT,
+    backoff: Backoff | None = None,
+    respect_schedule: bool = True,
     should_stop: Callable[[], bool] = _never,
+    waiting: Callable[[str], Deferral | None] | None = None,
+    book: RetryBook | None = None,
+    progress: Callable[[], object] = _never,
     direct: bool = True,
 ) -> WriteResult:
     """Process everything under ``incoming/``, oldest first, in bounded chunks.
@@ -894,18 +1164,52 @@ def sweep(
     :func:`station_windows`); each window is sorted by (LastModified, key) and processed
     in chunks (see :func:`_pipeline`).  Stops early, leaving the rest for the next round,
     after ``limit`` objects, when ``should_stop()`` says so (checked between chunks), or
-    when the bucket keeps failing.
+    when the bucket or the volume keeps failing.
+
+    Objects that wait are passed over without a request: those whose retry record says
+    later, and those ``waiting(key)`` names (the serving process's backlog, which knows
+    which day files are still held open); they are reported as deferred.  The retry
+    records are read afresh first (``book``, when given, is refreshed), and after a
+    complete listing the records of objects no longer in ``incoming/`` are removed.
     """
     started = time.perf_counter()
     remaining = limit
+    backoff = backoff or Backoff.from_settings(settings)
+    options = RunOptions(retry, lock_timeout, backoff, respect_schedule, progress)
     with ThreadPoolExecutor(S3_THREADS, thread_name_prefix="writer-s3") as pool:
         store = object_store(bucket, settings, direct)
-        run = _Run(store, settings, retry, pool, lock_timeout)
+        records = book if book is not None else RetryBook(store, backoff)
+        try:
+            with_retry(records.load, "read the retry records", options.retry)
+        except BucketError as exc:
+            result = WriteResult(errors=[f"reading retry records: {short_reason(exc)}"])
+            result.seconds = time.perf_counter() - started
+            return result
+        run = _Run(store, settings, options, pool, records)
+        passed_over: dict[str, Deferral] = {}
+        unseen = {r.name for r in records.records() if r.subject == "object"}
+        complete = False
+
+        def wait_reason(key: str) -> Deferral | None:
+            unseen.discard(key)
+            if waiting is not None and (known := waiting(key)) is not None:
+                return known
+            record = records.object(key)
+            if record is not None and respect_schedule and not record.due():
+                return Deferral(record.reason, next_try=record.next_try)
+            return None
 
         def chunks() -> Iterator[list[ObjectInfo]]:
-            nonlocal remaining
+            nonlocal remaining, complete
             for window in station_windows(store.list(INCOMING)):
-                for chunk in chunked(oldest_first(window)):
+                todo = []
+                for info in window:
+                    deferral = wait_reason(info.key)
+                    if deferral is None:
+                        todo.append(info)
+                    else:
+                        passed_over[info.key] = deferral
+                for chunk in chunked(oldest_first(todo)):
                     if remaining is not None:
                         chunk = chunk[:remaining]
                         remaining -= len(chunk)
@@ -913,9 +1217,18 @@ def sweep(
                         yield chunk
                     if remaining is not None and remaining <= 0:
                         return
+            complete = True
 
         result = _pipeline(run, chunks(), should_stop)
+        result.deferred = {**passed_over, **result.deferred}
+        if complete and not run.trouble and unseen:
+            dropped = records.drop_orphans(unseen)
+            if dropped:
+                log.info("sweep: removed %d retry records of objects no longer waiting",
+                         dropped)
     if run.bucket_trouble:
         log.error("sweep stopped early: the bucket keeps failing")
+    if run.volume_trouble:
+        log.error("sweep stopped early: the data volume cannot take writes")
     result.seconds = time.perf_counter() - started
     return result
