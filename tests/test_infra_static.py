@@ -19,6 +19,7 @@ from __future__ import annotations
 import configparser
 import functools
 import json
+import posixpath
 import re
 import shlex
 import shutil
@@ -83,6 +84,13 @@ KNATIVE_FLAGS = {
     "persistentVolumeClaim": "kubernetes.podspec-persistent-volume-claim",
 }
 PVC_WRITE_FLAG = "kubernetes.podspec-persistent-volume-write"
+#: Mount paths Knative Serving refused before 1.13 (knative/serving#14686; #14719 dropped
+#: /tmp and /var/log).  It compares the cleaned path exactly, so /scratch or /var/tmp pass.
+KNATIVE_RESERVED_MOUNT_PATHS = {"/", "/dev", "/dev/log", "/tmp", "/var", "/var/log"}
+#: The writer's liveness endpoint (functions/writer/main.py), and the least time its
+#: probe waits before a restart: a long write that still moves must not be killed.
+LIVENESS_PATH = "/healthz"
+LIVENESS_MIN_SECONDS = 90
 
 
 # --- loading -------------------------------------------------------------------------
@@ -722,7 +730,6 @@ def test_volume_paths_match_config_ini() -> None:
         assert stations.get("readOnly") is True and "subPath" not in stations
         volume = {volume["name"]: volume for volume in spec["volumes"]}[stations["name"]]
         assert volume["secret"]["secretName"] == "datastore-stations"
-        assert "/tmp" in mounts, "gunicorn needs a writable /tmp on a read-only root"
     generators = kustomization()["secretGenerator"]
     generator = only(
         [item for item in generators if item["name"] == "datastore-stations"], "generator"
@@ -739,6 +746,42 @@ def test_volume_paths_match_config_ini() -> None:
     # The writer image owns data_dir, so a fresh named volume is writable by uid 10001.
     run = " ".join(arguments(final_stage(dockerfile(DOCKERFILES["writer"])), "RUN"))
     assert f"mkdir {data_dir}" in run and f"chown 10001:10001 {data_dir}" in run
+
+
+def knative_services() -> list[dict[str, Any]]:
+    return [doc for doc in manifests()
+            if doc.get("apiVersion") == KNATIVE_SERVING and doc.get("kind") == "Service"]
+
+
+def test_no_knative_volume_is_mounted_at_a_path_older_knative_reserves() -> None:
+    services = knative_services()
+    assert {doc["metadata"]["name"] for doc in services} == set(FUNCTIONS)
+    for doc in services:
+        for container in doc["spec"]["template"]["spec"]["containers"]:
+            for mount in container.get("volumeMounts", []):
+                path = posixpath.normpath(mount["mountPath"])
+                assert path not in KNATIVE_RESERVED_MOUNT_PATHS, (
+                    f"ksvc/{doc['metadata']['name']}: {path} is refused by Knative < 1.13")
+
+
+def test_tmpdir_is_a_writable_mounted_volume_under_a_read_only_root() -> None:
+    """gunicorn's heartbeat files go to tempfile's directory; the root is read-only, and
+    /tmp cannot be a volume on older Knative, so TMPDIR names a writable emptyDir."""
+    for doc in knative_services():
+        spec = doc["spec"]["template"]["spec"]
+        container = pod_container(spec)
+        name = doc["metadata"]["name"]
+        assert container["securityContext"]["readOnlyRootFilesystem"] is True, name
+        tmpdir = env_values(container).get("TMPDIR")
+        assert isinstance(tmpdir, str) and posixpath.isabs(tmpdir), f"ksvc/{name}: no TMPDIR"
+        tmpdir = posixpath.normpath(tmpdir)
+        mounts = {posixpath.normpath(mount["mountPath"]): mount
+                  for mount in container["volumeMounts"]}
+        assert tmpdir in mounts, f"ksvc/{name}: TMPDIR {tmpdir} is not a mounted volume"
+        mount = mounts[tmpdir]
+        assert not mount.get("readOnly") and "subPath" not in mount, name
+        volume = {volume["name"]: volume for volume in spec["volumes"]}[mount["name"]]
+        assert "emptyDir" in volume, f"ksvc/{name}: TMPDIR wants a scratch emptyDir"
 
 
 def test_sample_station_list_parses_with_the_code() -> None:
@@ -814,17 +857,24 @@ def test_dockerfile_bakes_the_config_and_serves_the_function(name: str) -> None:
         assert (ROOT / source).exists(), source
 
 
+def _gunicorn_slots(name: str) -> tuple[int, int]:
+    """(workers, threads) of a Service, which must equal its image's defaults."""
+    image = dockerfile_env(final_stage(dockerfile(DOCKERFILES[name])))
+    overrides = env_values(pod_container(template_spec(name)))
+    assert (overrides["WORKERS"], overrides["THREADS"]) == (image["WORKERS"], image["THREADS"])
+    return int(overrides["WORKERS"]), int(overrides["THREADS"])
+
+
 def test_gunicorn_settings_match_the_services() -> None:
-    for name in FUNCTIONS:
-        image = dockerfile_env(final_stage(dockerfile(DOCKERFILES[name])))
-        template = knative_service(name)["spec"]["template"]
-        overrides = env_values(pod_container(template["spec"]))
-        workers = int(overrides.get("WORKERS", image["WORKERS"]))
-        threads = int(overrides.get("THREADS", image["THREADS"]))
-        assert (overrides["WORKERS"], overrides["THREADS"]) == (image["WORKERS"], image["THREADS"])
-        assert template["spec"]["containerConcurrency"] == workers * threads, name
+    # The upload takes as many requests as it has threads.
+    workers, threads = _gunicorn_slots("upload")
+    assert template_spec("upload")["containerConcurrency"] == workers * threads
+    # The writer takes one request at a time through the queue-proxy; its second thread
+    # is for the liveness probe, which the kubelet sends straight to the container.
+    assert _gunicorn_slots("writer") == (1, 2)
     writer = knative_service("writer")["spec"]["template"]
     assert writer["spec"]["containerConcurrency"] == 1
+    assert "livenessProbe" in pod_container(writer["spec"])
     annotations = writer["metadata"]["annotations"]
     assert annotations["autoscaling.knative.dev/min-scale"] == "1"
     assert annotations["autoscaling.knative.dev/max-scale"] == "1"
@@ -834,6 +884,22 @@ def test_gunicorn_settings_match_the_services() -> None:
     target = int(annotations["autoscaling.knative.dev/target"])
     assert 0 < target <= upload["spec"]["containerConcurrency"]
     assert int(annotations["autoscaling.knative.dev/min-scale"]) >= 1
+
+
+def test_the_writer_has_a_liveness_probe_that_spares_a_long_write() -> None:
+    container = pod_container(template_spec("writer"))
+    probe = container["livenessProbe"]
+    assert set(probe) <= {"httpGet", "periodSeconds", "timeoutSeconds", "failureThreshold",
+                          "initialDelaySeconds", "successThreshold"}
+    # On the serving port, by number: Knative refuses a probe of any other port.
+    assert probe["httpGet"] == {"path": LIVENESS_PATH, "port": CONTAINER_PORT}
+    assert [port["containerPort"] for port in container["ports"]] == [CONTAINER_PORT]
+    period, timeout = probe["periodSeconds"], probe["timeoutSeconds"]
+    assert 0 < timeout < period
+    # The endpoint itself decides whether a write is stuck; the probe only must not add
+    # a verdict of its own within a minute or two.
+    assert period * probe["failureThreshold"] >= LIVENESS_MIN_SECONDS
+    assert probe.get("successThreshold", 1) == 1, "Kubernetes allows only 1 for liveness"
 
 
 def test_timeouts_cover_the_stations_read_timeout() -> None:
@@ -953,6 +1019,10 @@ def test_infra_readme_uses_real_commands_and_names_the_flags() -> None:
         "docker build -f functions/upload/Dockerfile",
         "docker build -f functions/writer/Dockerfile",
         "docker compose -f local/compose.yaml",
+        "KEEPALIVE_SECONDS",
+        "TMPDIR",
+        LIVENESS_PATH,
+        "Writer rollouts and the day-file lock",
         SWEEP_TYPE,
     ):
         assert needed in text, needed

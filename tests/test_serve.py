@@ -1,10 +1,12 @@
 """``hisparc_datastore.serve``: the upload function under gunicorn with our limits.
 
 The server here runs as the images run it, with a short idle timeout (the
-``IDLE_TIMEOUT_SECONDS`` knob) so the stalls below end quickly, and as many threads as
-there are stalled clients, so a station can only be served once a stall has been freed.
-Nothing is asserted about how long anything takes: a stall that is never freed shows as
-a station that is never answered (a hang guard of a minute fails the test), and a stalled
+``IDLE_TIMEOUT_SECONDS`` knob) so the stalls below end quickly, a short keep-alive
+(``KEEPALIVE_SECONDS``, longer than the idle timeout as in production) so an idle
+kept-alive connection is closed within the test, and as many threads as there are stalled
+clients, so a station can only be served once a stall has been freed.  Nothing is
+asserted about how long anything takes at most: a stall that is never freed shows as a
+station that is never answered (a hang guard of a minute fails the test), and a stalled
 socket that the server never closes shows as a client read that times out.
 """
 
@@ -47,6 +49,12 @@ from hisparc_datastore.served import Served, serve_function
 ROOT = Path(__file__).resolve().parents[1]
 SOURCE = ROOT / "functions" / "upload" / "main.py"
 IDLE = 3.0
+#: The keep-alive here: longer than the idle timeout and gunicorn's 2 s default, as in
+#: production (100 s against the idle timeout's 30 s), but short enough to wait out.
+KEEPALIVE = 6
+#: A pause between two requests on one connection: beyond the idle timeout and gunicorn's
+#: default keep-alive, well within KEEPALIVE.
+PAUSE = IDLE + 1
 FORM = "application/x-www-form-urlencoded"
 #: Far beyond any answer or idle timeout here: only a stall that is never freed hits it.
 GUARD = 60.0
@@ -99,7 +107,8 @@ def upload(s3_endpoint: S3Endpoint, tmp_path_factory: pytest.TempPathFactory
     directory = tmp_path_factory.mktemp("serve")
     config, bucket = upload_site(directory, s3_endpoint, "serve")
     env = server_environment(config, s3_endpoint, WORKERS="1", THREADS=str(THREADS),
-                             IDLE_TIMEOUT_SECONDS=str(IDLE), GUNICORN_LOG_LEVEL="info")
+                             IDLE_TIMEOUT_SECONDS=str(IDLE), KEEPALIVE_SECONDS=str(KEEPALIVE),
+                             GUNICORN_LOG_LEVEL="info")
     served = serve_function(SOURCE, "upload", env, directory / "upload.log", cwd=ROOT)
     try:
         yield Upload(served, bucket)
@@ -165,6 +174,89 @@ def test_a_slow_but_steady_upload_is_not_cut(upload: Upload) -> None:
             sock.sendall(body[at : at + step])
         assert read_answer(sock) == (200, "100")
     assert upload.bucket.head(incoming_key(STATION, md5(data))) is not None
+
+
+# --- keep-alive behind Knative's queue-proxy ---------------------------------------------
+
+
+def get(sock: socket.socket) -> tuple[int, str, str | None] | None:
+    """GET / on an open connection: (status, body, Connection header), or None if closed."""
+    try:
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+    except (BrokenPipeError, ConnectionResetError):
+        return None
+    response = http.client.HTTPResponse(sock)
+    try:
+        response.begin()
+        return response.status, response.read().decode("latin-1"), response.getheader(
+            "Connection")
+    except (http.client.RemoteDisconnected, ConnectionResetError):
+        return None
+
+
+def test_a_kept_alive_connection_is_reused_after_a_pause(upload: Upload) -> None:
+    """The queue-proxy reuses idle connections for up to 90 s; one gunicorn closed after
+    its default 2 s gave a 502.  Neither that nor the idle timeout (3 s here) may close a
+    connection that waits for its next request within the keep-alive time."""
+    calls = upload.code_lines()
+    with connect(upload) as sock:
+        first = get(sock)
+        assert first is not None and first[0] == 200 and "HiSPARC" in first[1], first
+        assert (first[2] or "").lower() != "close"
+        time.sleep(PAUSE)
+        second = get(sock)
+        assert second == first, "the connection was closed while kept alive"
+    assert upload.code_lines() == calls  # GET never reaches the upload protocol
+
+
+def test_a_connection_idle_beyond_the_keep_alive_is_closed_by_the_server(
+    upload: Upload
+) -> None:
+    with connect(upload) as sock:
+        answer = get(sock)
+        assert answer is not None and answer[0] == 200, answer
+        waited_from = time.monotonic()
+        try:
+            end = sock.recv(1)
+        except ConnectionResetError:
+            end = b""
+        except TimeoutError:
+            pytest.fail(f"a kept-alive connection still open after {GUARD:.0f} s")
+        assert end == b""
+    # A lower bound only (load makes it later, never earlier): the keep-alive closed it,
+    # not the idle timeout.
+    assert time.monotonic() - waited_from > KEEPALIVE - 1
+
+
+def test_a_connection_that_never_sends_gets_the_idle_timeout_not_the_keep_alive(
+    s3_endpoint: S3Endpoint, tmp_path: Path
+) -> None:
+    """gunicorn parks a silent new connection with the keep-alive timeout; with the long
+    keep-alive a stalled client would keep it for that long.  It is closed after the idle
+    timeout instead (gunicorn first waits 5 s for its first byte on a thread)."""
+    config = write_config(tmp_path, s3_endpoint, f"serve-{uuid.uuid4().hex[:10]}")
+    env = server_environment(config, s3_endpoint, WORKERS="1", THREADS="2",
+                             IDLE_TIMEOUT_SECONDS=str(IDLE),
+                             KEEPALIVE_SECONDS=str(int(10 * GUARD)))
+    served = serve_function(SOURCE, "upload", env, tmp_path / "upload.log", cwd=ROOT)
+    try:
+        with socket.create_connection(("127.0.0.1", served.port), timeout=GUARD) as sock:
+            try:
+                end = sock.recv(1)
+            except ConnectionResetError:
+                end = b""
+            except TimeoutError:
+                pytest.fail(f"a silent connection still open after {GUARD:.0f} s")
+            assert end == b""
+        # Still serving, and kept-alive connections are not affected.
+        with socket.create_connection(("127.0.0.1", served.port), timeout=GUARD) as sock:
+            first = get(sock)
+            assert first is not None and first[0] == 200
+            time.sleep(PAUSE)
+            assert get(sock) == first
+    finally:
+        served.stop()
+    assert "Traceback" not in served.log()
 
 
 # --- R4: long request lines ----------------------------------------------------------------
@@ -249,23 +341,28 @@ def test_options_read_the_environment_as_functions_framework_does() -> None:
     assert options.threads == (os.cpu_count() or 1) * 4
     assert options.idle_timeout == serve.DEFAULT_IDLE_TIMEOUT
     assert (options.worker_timeout, options.loglevel) == (0, "error")
+    # Longer than Knative's queue-proxy keeps an idle upstream connection (90 s).
+    assert options.keepalive == serve.DEFAULT_KEEPALIVE > 90
     environ = {"HOST": "127.0.0.1", "PORT": "9000", "WORKERS": "2", "THREADS": "8",
                "IDLE_TIMEOUT_SECONDS": "12.5", "CLOUD_RUN_TIMEOUT_SECONDS": "60",
-               "GUNICORN_LOG_LEVEL": "info"}
+               "GUNICORN_LOG_LEVEL": "info", "KEEPALIVE_SECONDS": "120"}
     options = serve.options(_args(), environ)
     assert (options.host, options.port, options.workers, options.threads) == (
         "127.0.0.1", 9000, 2, 8)
     assert (options.idle_timeout, options.worker_timeout, options.loglevel) == (
         12.5, 60, "info")
+    assert options.keepalive == 120
     options = serve.options(_args(port=1234, idle_timeout=4), environ)
     assert (options.port, options.idle_timeout) == (1234, 4.0)
     settings = options.gunicorn()
     assert settings["bind"] == "127.0.0.1:1234"
     assert settings["limit_request_line"] == 4094
+    assert settings["keepalive"] == 120
     assert settings["worker_class"].idle_timeout == 4.0
     assert issubclass(settings["worker_class"], serve.IdleTimeoutWorker)
     for bad in ({"IDLE_TIMEOUT_SECONDS": "0"}, {"THREADS": "many"}, {"WORKERS": "-1"},
-                {"CLOUD_RUN_TIMEOUT_SECONDS": "soon"}):
+                {"CLOUD_RUN_TIMEOUT_SECONDS": "soon"}, {"KEEPALIVE_SECONDS": "0"},
+                {"KEEPALIVE_SECONDS": "1.5"}):
         with pytest.raises(ValueError, match=next(iter(bad))):
             serve.options(_args(), bad)
 

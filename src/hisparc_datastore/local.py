@@ -573,8 +573,9 @@ class LocalStack:
         except BucketError as exc:
             raise LocalStackError(f"cannot create the bucket: {exc}") from exc
 
-        # The writer takes one request at a time (one worker, one thread), like its
-        # deployment; the upload function serves a few stations at once.
+        # The writer takes one request at a time (one worker, one thread), as Knative's
+        # containerConcurrency 1 gives the deployed one (whose second thread is only for
+        # the liveness probe); the upload function serves a few stations at once.
         writer = start_function(
             "writer", "writer", writer_port, {**environment, "WORKERS": "1", "THREADS": "1"},
             files.logs / "writer.log",

@@ -21,12 +21,27 @@ CLI does, but with our options instead of its fixed ones (docs/SECURITY.md R2, R
 - Closing a connection never waits for the client (see :meth:`IdleTimeoutConn.close`):
   gunicorn's own graceful close would let each client that does not close its end hold
   the worker's main thread for 2 s.
+- Kept-alive connections stay open ``KEEPALIVE_SECONDS`` (default 100) between requests,
+  not gunicorn's 2 s.  Knative's queue-proxy keeps idle upstream connections for up to
+  90 s and reuses them; when gunicorn had already closed one, the proxy's request on it
+  failed and the client got a 502.  The server must be the side that waits longer.  The
+  idle timeout above does not cut such a connection: between requests gunicorn's gthread
+  worker parks it in its selector, without a thread and without a socket timeout, and
+  closes it there after the keep-alive time; the idle timeout is set again once the next
+  request starts arriving (:meth:`IdleTimeoutConn.init`).  A new connection that sends
+  nothing at all is parked the same way, but closed after the idle timeout counted from
+  its accept, not after the keep-alive time (:meth:`IdleTimeoutWorker.finish_request`).
 - ``WORKERS``, ``THREADS``, ``CLOUD_RUN_TIMEOUT_SECONDS``, ``GUNICORN_LOG_LEVEL``,
   ``HOST`` and ``PORT`` are read as functions-framework reads them, with its defaults, so
   the images, manifests and local stack keep their settings.  The worker is always the
   threaded one (also with one thread), because only it gets the idle timeout.
 
-Keep-alive, graceful shutdown on SIGTERM (in-flight requests finish within gunicorn's
+Temporary files (gunicorn's worker heartbeat files) go where Python's :mod:`tempfile`
+puts them: ``$TMPDIR``, else ``/tmp``.  With a read-only root filesystem, mount a writable
+volume and point ``TMPDIR`` at it (the Knative manifests use ``/scratch``: Knative before
+1.13 refuses volumes mounted at ``/tmp``).
+
+Graceful shutdown on SIGTERM (in-flight requests finish within gunicorn's
 ``graceful_timeout``) and the arbiter's signal handling are gunicorn's own.
 """
 
@@ -37,6 +52,7 @@ import contextlib
 import os
 import socket
 import sys
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +66,9 @@ from gunicorn.workers.gthread import TConn, ThreadWorker
 
 IDLE_TIMEOUT_ENV = "IDLE_TIMEOUT_SECONDS"
 DEFAULT_IDLE_TIMEOUT = 30.0
+KEEPALIVE_ENV = "KEEPALIVE_SECONDS"
+#: Above the 90 s for which Knative's queue-proxy keeps an idle upstream connection.
+DEFAULT_KEEPALIVE = 100
 #: gunicorn's defaults, which functions-framework overrides for the request line only.
 LIMIT_REQUEST_LINE = 4094
 LIMIT_REQUEST_FIELDS = 100
@@ -70,6 +89,8 @@ class IdleTimeoutConn(TConn):
     """
 
     idle_timeout: float = DEFAULT_IDLE_TIMEOUT
+    #: When the worker accepted the connection (``time.monotonic()``).
+    accepted: float = 0.0
 
     def init(self) -> None:
         super().init()
@@ -108,7 +129,24 @@ class IdleTimeoutWorker(ThreadWorker):
         if not isinstance(conn, IdleTimeoutConn):
             conn.__class__ = IdleTimeoutConn
             conn.idle_timeout = self.idle_timeout  # type: ignore[attr-defined]
+            conn.accepted = time.monotonic()  # type: ignore[attr-defined]
         super().enqueue_req(conn)
+
+    def finish_request(self, conn: TConn, fs: Any) -> None:
+        """gunicorn's, but a connection still silent since its accept gets the idle timeout.
+
+        gunicorn 27 gives a new connection a thread for up to 5 s to send its first byte,
+        then parks it in the selector with the *keep-alive* timeout, meant for a client
+        between two requests.  With the long keep-alive Knative needs, a client that
+        connects and sends nothing would hold its connection for 100 s; it is a stalled
+        client, so it gets the idle timeout, counted from its accept.  Each was accepted
+        about 5 s before it is parked, so gunicorn's list stays in timeout order (up to
+        thread jitter, which at worst closes one a moment late).
+        """
+        super().finish_request(conn, fs)
+        pending = getattr(self, "pending_conns", None)  # older gunicorn: no such list
+        if pending and pending[-1] is conn and isinstance(conn, IdleTimeoutConn):
+            conn.timeout = min(conn.timeout, conn.accepted + conn.idle_timeout)
 
 
 class IdleTimeoutLogger(Logger):
@@ -142,6 +180,7 @@ class ServeOptions:
     idle_timeout: float
     worker_timeout: int
     loglevel: str
+    keepalive: int = DEFAULT_KEEPALIVE
 
     def gunicorn(self) -> dict[str, Any]:
         """The gunicorn settings; ``timeout`` is the worker heartbeat, 0 (none) by default."""
@@ -149,6 +188,7 @@ class ServeOptions:
             "bind": f"{self.host}:{self.port}",
             "workers": self.workers,
             "threads": self.threads,
+            "keepalive": self.keepalive,
             "worker_class": worker_class(self.idle_timeout),
             "logger_class": IdleTimeoutLogger,
             "timeout": self.worker_timeout,
@@ -187,6 +227,8 @@ def options(args: argparse.Namespace, environ: Mapping[str, str]) -> ServeOption
         idle_timeout=_positive(str(idle), IDLE_TIMEOUT_ENV, float),
         worker_timeout=int(worker_timeout),
         loglevel=environ.get("GUNICORN_LOG_LEVEL", "error"),
+        keepalive=_positive(environ.get(KEEPALIVE_ENV, str(DEFAULT_KEEPALIVE)),
+                            KEEPALIVE_ENV, int),
     )
 
 
