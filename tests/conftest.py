@@ -11,8 +11,9 @@ from __future__ import annotations
 import itertools
 import os
 import textwrap
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -141,3 +142,12 @@ def bucket(settings: Settings) -> Bucket:
     bucket = Bucket.from_settings(settings)
     bucket.ensure_exists()
     return bucket
+
+
+def wait_for(condition: Callable[[], bool], seconds: float = 30.0) -> float:
+    """Poll until ``condition()``; the seconds it took (a hang guard, not a timing test)."""
+    started = time.monotonic()
+    while not condition():
+        assert time.monotonic() - started < seconds, "timed out"
+        time.sleep(0.02)
+    return time.monotonic() - started

@@ -31,7 +31,7 @@ import sys
 import textwrap
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,9 +49,11 @@ from hisparc_datastore.stations import Station
 from hisparc_datastore.upload import metadata_for
 
 try:  # tests/ as a package, or tests/ on sys.path
+    from .conftest import wait_for
     from .notification_bodies import aws_body, cloudevent_binary, minio_body
     from .reliability_support import Expected, make_batch, serve, store_batch, verify
 except ImportError:
+    from conftest import wait_for  # type: ignore[no-redef]
     from notification_bodies import aws_body, cloudevent_binary, minio_body  # type: ignore
     from reliability_support import (  # type: ignore[no-redef]
         Expected,
@@ -145,15 +147,6 @@ def day_batch(day: dt.date, seed: int, n: int = 3) -> list[dict[str, Any]]:
 
 def stored(bucket: Bucket, key: str) -> bool:
     return bucket.head(key) is not None
-
-
-def wait_for(condition: Callable[[], bool], seconds: float = 30.0) -> float:
-    """Poll until ``condition()``; the seconds it took (a hang guard, not a timing test)."""
-    started = time.monotonic()
-    while not condition():
-        assert time.monotonic() - started < seconds, "timed out"
-        time.sleep(0.02)
-    return time.monotonic() - started
 
 
 HOLDER = textwrap.dedent("""\

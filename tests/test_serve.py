@@ -209,6 +209,17 @@ def test_a_kept_alive_connection_is_reused_after_a_pause(upload: Upload) -> None
     assert upload.code_lines() == calls  # GET never reaches the upload protocol
 
 
+def assert_closed_by_server(sock: socket.socket, what: str) -> None:
+    """Wait (up to the socket's timeout) for the server to close ``sock``."""
+    try:
+        end = sock.recv(1)
+    except ConnectionResetError:
+        end = b""
+    except TimeoutError:
+        pytest.fail(f"{what} still open after {GUARD:.0f} s")
+    assert end == b""
+
+
 def test_a_connection_idle_beyond_the_keep_alive_is_closed_by_the_server(
     upload: Upload
 ) -> None:
@@ -216,13 +227,7 @@ def test_a_connection_idle_beyond_the_keep_alive_is_closed_by_the_server(
         answer = get(sock)
         assert answer is not None and answer[0] == 200, answer
         waited_from = time.monotonic()
-        try:
-            end = sock.recv(1)
-        except ConnectionResetError:
-            end = b""
-        except TimeoutError:
-            pytest.fail(f"a kept-alive connection still open after {GUARD:.0f} s")
-        assert end == b""
+        assert_closed_by_server(sock, "a kept-alive connection")
     # A lower bound only (load makes it later, never earlier): the keep-alive closed it,
     # not the idle timeout.
     assert time.monotonic() - waited_from > KEEPALIVE - 1
@@ -241,13 +246,7 @@ def test_a_connection_that_never_sends_gets_the_idle_timeout_not_the_keep_alive(
     served = serve_function(SOURCE, "upload", env, tmp_path / "upload.log", cwd=ROOT)
     try:
         with socket.create_connection(("127.0.0.1", served.port), timeout=GUARD) as sock:
-            try:
-                end = sock.recv(1)
-            except ConnectionResetError:
-                end = b""
-            except TimeoutError:
-                pytest.fail(f"a silent connection still open after {GUARD:.0f} s")
-            assert end == b""
+            assert_closed_by_server(sock, "a silent connection")
         # Still serving, and kept-alive connections are not affected.
         with socket.create_connection(("127.0.0.1", served.port), timeout=GUARD) as sock:
             first = get(sock)

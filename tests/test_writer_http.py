@@ -15,9 +15,8 @@ import os
 import random
 import subprocess
 import textwrap
-import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,7 +35,7 @@ from hisparc_datastore.stations import Station
 from hisparc_datastore.upload import metadata_for
 
 try:  # tests/ as a package, or tests/ on sys.path
-    from .conftest import S3Endpoint, write_station_list
+    from .conftest import S3Endpoint, wait_for, write_station_list
     from .notification_bodies import (
         aws_body,
         ceph_body,
@@ -46,7 +45,7 @@ try:  # tests/ as a package, or tests/ on sys.path
         s3_test_event,
     )
 except ImportError:
-    from conftest import S3Endpoint, write_station_list  # type: ignore[no-redef]
+    from conftest import S3Endpoint, wait_for, write_station_list  # type: ignore[no-redef]
     from notification_bodies import (  # type: ignore[no-redef]
         aws_body,
         ceph_body,
@@ -273,15 +272,6 @@ def test_undecodable_object_is_quarantined_once(server: Server) -> None:
     second = server.post(aws_body(server.bucket.name, [key]))
     assert second.status_code == 200 and second.json()["already_done"] == 1
     assert "failure-reason" in server.bucket.get(failed_key(key)).metadata
-
-
-def wait_for(condition: Callable[[], bool], seconds: float = 20.0) -> float:
-    """Poll until ``condition()``; returns the seconds it took (fails after ``seconds``)."""
-    started = time.monotonic()
-    while not condition():
-        assert time.monotonic() - started < seconds, "timed out"
-        time.sleep(0.05)
-    return time.monotonic() - started
 
 
 def test_an_outage_of_the_volume_is_503_and_a_retry_succeeds(server: Server) -> None:
