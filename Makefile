@@ -15,22 +15,24 @@ DECODING_TESTS := tests/test_payload.py tests/test_security_payload.py \
 
 .PHONY: venv test test-system-python lint run bench clean
 
-$(STAMP): pyproject.toml
+# The project and its development tools (dev/, a distribution of their own that the
+# images do not install), both editable.
+$(STAMP): pyproject.toml dev/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	$(BIN)/python -m pip install --quiet -e ".[dev]" -e ./dev
 	touch $(STAMP)
 
 venv: $(STAMP)
 
 test: $(STAMP)
-	$(BIN)/ruff check src functions tests bench
+	$(BIN)/ruff check src dev functions tests bench
 	$(BIN)/python -m pytest
 
-$(SYSTEM_STAMP): pyproject.toml
+$(SYSTEM_STAMP): pyproject.toml dev/pyproject.toml
 	$(SYSTEM_PYTHON) -m venv $(SYSTEM_VENV)
 	$(SYSTEM_BIN)/python -m pip install --quiet --upgrade pip
-	$(SYSTEM_BIN)/python -m pip install --quiet -e ".[test]"
+	$(SYSTEM_BIN)/python -m pip install --quiet -e ".[test]" -e ./dev
 	touch $(SYSTEM_STAMP)
 
 test-system-python: $(SYSTEM_STAMP)
@@ -38,7 +40,7 @@ test-system-python: $(SYSTEM_STAMP)
 	$(SYSTEM_BIN)/python -m pytest $(DECODING_TESTS)
 
 lint: $(STAMP)
-	$(BIN)/ruff check src functions tests bench
+	$(BIN)/ruff check src dev functions tests bench
 
 run: $(STAMP)
 	$(BIN)/datastore local

@@ -1,6 +1,6 @@
 """End-to-end latency: from a station's answer ``100`` to its rows readable with PyTables.
 
-The stack is the one ``datastore local`` runs (:class:`hisparc_datastore.local.LocalStack`:
+The stack is the one ``datastore local`` runs (:class:`hisparc_datastore_dev.local.LocalStack`:
 SeaweedFS, the upload and writer functions under functions-framework, the notification
 relay on, the safety-net sweep every ``[Writer] sleep`` seconds), in a temporary state
 directory with ``--stations`` stations in its station list.
@@ -44,12 +44,12 @@ from pathlib import Path
 
 import requests
 import tables
+from hisparc_datastore_dev import samples
+from hisparc_datastore_dev.local import LocalStack, Options
+from hisparc_datastore_dev.py2pickle import dumps_py2
+from hisparc_datastore_dev.s3server import free_port, free_port_pair
 
-from hisparc_datastore import samples
-from hisparc_datastore.daystore import COMMITTED, LEDGER_GROUP, day_file_path
-from hisparc_datastore.local import LocalStack, Options
-from hisparc_datastore.py2pickle import dumps_py2
-from hisparc_datastore.s3server import free_port, free_port_pair
+from hisparc_datastore.storage.daystore import COMMITTED, LEDGER_GROUP, day_file_path
 
 DAY = dt.date(2024, 6, 1)
 FIRST_STATION = 20001

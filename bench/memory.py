@@ -70,9 +70,9 @@ def maxrss_mb() -> float:
 
 def child(spec: dict[str, str]) -> None:
     """The measured process: one warm-up sweep, then the scenario's sweep."""
-    from hisparc_datastore.bucket import Bucket
     from hisparc_datastore.config import Settings
-    from hisparc_datastore.writer import sweep
+    from hisparc_datastore.storage.bucket import Bucket
+    from hisparc_datastore.writer.pipeline import sweep
 
     bucket = Bucket(spec["bucket"], endpoint=spec["endpoint"], access_key=spec["access"],
                     secret_key=spec["secret"])
@@ -98,11 +98,12 @@ def child(spec: dict[str, str]) -> None:
 
 def put_objects(bucket: object, events: int, objects: int, seed: int, when: dt.datetime) -> int:
     """Put the scenario's objects; the bodies are dropped before the sweep starts."""
-    from hisparc_datastore import samples
-    from hisparc_datastore.bucket import incoming_key
-    from hisparc_datastore.py2pickle import dumps_py2
+    from hisparc_datastore_dev import samples
+    from hisparc_datastore_dev.py2pickle import dumps_py2
+
     from hisparc_datastore.stations import Station
-    from hisparc_datastore.upload import metadata_for
+    from hisparc_datastore.storage.bucket import incoming_key
+    from hisparc_datastore.upload.protocol import metadata_for
 
     rng = random.Random(seed)
     metadata = metadata_for(Station(STATION, CLUSTER, "x"), events, dt.datetime.now(dt.UTC))
@@ -118,8 +119,8 @@ def put_objects(bucket: object, events: int, objects: int, seed: int, when: dt.d
 
 
 def measure(scenario: Scenario, endpoint: str, access: str, secret: str) -> Result:
-    from hisparc_datastore.bucket import Bucket
-    from hisparc_datastore.writer import CHUNK_BYTES
+    from hisparc_datastore.storage.bucket import Bucket
+    from hisparc_datastore.writer.pipeline import CHUNK_BYTES
 
     work = Path(tempfile.mkdtemp(prefix="bench-memory-"))
     (work / "stations.csv").write_text(f"{STATION},{CLUSTER},x\n")
@@ -163,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
         child(json.loads(args.child))
         return 0
 
-    from hisparc_datastore.s3server import SeaweedS3
+    from hisparc_datastore_dev.s3server import SeaweedS3
 
     scale = 5 if args.quick else 1
     scenarios = [

@@ -40,12 +40,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import requests
+from hisparc_datastore_dev import samples
+from hisparc_datastore_dev.py2pickle import dumps_py2
+from hisparc_datastore_dev.s3server import SeaweedS3, free_port
+from hisparc_datastore_dev.served import serve_command, spawn, stop_process
 
-from hisparc_datastore import samples
-from hisparc_datastore.bucket import Bucket
-from hisparc_datastore.py2pickle import dumps_py2
-from hisparc_datastore.s3server import SeaweedS3, free_port
-from hisparc_datastore.served import serve_command, spawn, stop_process
+from hisparc_datastore.storage.bucket import Bucket
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

@@ -47,18 +47,19 @@ from typing import Any
 import h5py
 import numpy as np
 import tables
+from hisparc_datastore_dev import samples
+from hisparc_datastore_dev.py2pickle import dumps_py2
+from hisparc_datastore_dev.s3server import SeaweedS3
 
-from hisparc_datastore import daystore, samples
-from hisparc_datastore.bucket import Bucket, incoming_key
 from hisparc_datastore.config import Settings
-from hisparc_datastore.daystore import BatchPart, DayFile, day_file_path
-from hisparc_datastore.payload import decode_batch
-from hisparc_datastore.py2pickle import dumps_py2
-from hisparc_datastore.rows import BatchRows, build_table_rows, split_by_day
-from hisparc_datastore.s3server import SeaweedS3
+from hisparc_datastore.format.payload import decode_batch
+from hisparc_datastore.format.rows import BatchRows, build_table_rows, split_by_day
 from hisparc_datastore.stations import Station
-from hisparc_datastore.upload import metadata_for
-from hisparc_datastore.writer import sweep
+from hisparc_datastore.storage import daystore
+from hisparc_datastore.storage.bucket import Bucket, incoming_key
+from hisparc_datastore.storage.daystore import BatchPart, DayFile, day_file_path
+from hisparc_datastore.upload.protocol import metadata_for
+from hisparc_datastore.writer.pipeline import sweep
 
 START = dt.datetime(2024, 6, 21, 11, 0, 0)
 DAY = START.date()

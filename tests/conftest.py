@@ -18,10 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from hisparc_datastore_dev.s3server import SeaweedS3
 
-from hisparc_datastore.bucket import Bucket
 from hisparc_datastore.config import Settings, load_settings
-from hisparc_datastore.s3server import SeaweedS3
+from hisparc_datastore.storage.bucket import Bucket
 
 TEST_STATIONS = {
     501: ("Amsterdam", "s3cret-501"),

@@ -3,7 +3,7 @@
 Why a proxy and not a mock: the upload function and the writer must meet a bucket that
 misbehaves the way a real one does on the wire (refused connections, silence, 5xx
 answers, connections cut before or after the server acted), through their real S3
-clients (boto3 and :mod:`hisparc_datastore.s3direct`) and their real retry logic.
+clients (boto3 and :mod:`hisparc_datastore.storage.s3direct`) and their real retry logic.
 
 The proxy understands just enough HTTP/1.1 to find request and response boundaries
 (Content-Length, chunked bodies, HEAD and 204/304 answers without a body), so a fault

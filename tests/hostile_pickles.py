@@ -18,8 +18,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-
-from hisparc_datastore import samples
+from hisparc_datastore_dev import samples
 
 #: Created by any of the code-execution cases that was wrongly run.
 MARKER = Path(tempfile.gettempdir()) / "hisparc-datastore-hostile-pickle-marker"
@@ -100,7 +99,7 @@ def scalar_ops(dtype: bytes, data: bytes) -> bytes:
 
 def _valid_batches() -> tuple[bytes, bytes]:
     events = samples.batch(3, dt.datetime(2024, 5, 1, 12), random.Random(7), traces=False)
-    from hisparc_datastore.py2pickle import dumps_py2
+    from hisparc_datastore_dev.py2pickle import dumps_py2
 
     return dumps_py2(events), pickle.dumps(samples.numpy_flavour(events), protocol=4)
 

@@ -33,14 +33,14 @@ from pathlib import Path
 from typing import Any
 
 import tables
+from hisparc_datastore_dev import samples
+from hisparc_datastore_dev.py2pickle import dumps_py2
+from hisparc_datastore_dev.served import Served, serve_function
 
-from hisparc_datastore import samples
-from hisparc_datastore.bucket import Bucket, incoming_key
-from hisparc_datastore.daystore import day_file_path
-from hisparc_datastore.py2pickle import dumps_py2
-from hisparc_datastore.served import Served, serve_function
 from hisparc_datastore.stations import Station
-from hisparc_datastore.upload import metadata_for
+from hisparc_datastore.storage.bucket import Bucket, incoming_key
+from hisparc_datastore.storage.daystore import day_file_path
+from hisparc_datastore.upload.protocol import metadata_for
 
 HERE = Path(__file__).resolve().parent
 CLUSTERS = {501: "Amsterdam", 502: "Amsterdam", 7001: "Leiden"}
@@ -301,7 +301,8 @@ def _die() -> None:
 
 def install_crash(spec: str) -> None:
     """Make this process SIGKILL itself at the n-th pass of a point (test process only)."""
-    from hisparc_datastore import daystore, writer
+    from hisparc_datastore.storage import daystore
+    from hisparc_datastore.writer import pipeline as writer
 
     point, _, nth = spec.partition(":")
     if point not in CRASH_POINTS:
@@ -366,7 +367,7 @@ def install_crash(spec: str) -> None:
 
 def main(argv: list[str]) -> int:
     from hisparc_datastore.config import load_settings
-    from hisparc_datastore.writer import RetryPolicy, process_keys, sweep
+    from hisparc_datastore.writer.pipeline import RetryPolicy, process_keys, sweep
 
     crash = os.environ.get("DATASTORE_TEST_CRASH_AT")
     if crash:

@@ -27,9 +27,12 @@ import h5py
 import numpy as np
 import pytest
 import tables
+from hisparc_datastore_dev import samples
 
-from hisparc_datastore import daystore, samples
-from hisparc_datastore.daystore import (
+from hisparc_datastore.format.rows import build_table_rows
+from hisparc_datastore.format.schema import EVENT_TYPES, TABLES
+from hisparc_datastore.storage import daystore
+from hisparc_datastore.storage.daystore import (
     AppendReport,
     BatchPart,
     DayFile,
@@ -37,8 +40,6 @@ from hisparc_datastore.daystore import (
     DayFileLocked,
     day_file_path,
 )
-from hisparc_datastore.rows import build_table_rows
-from hisparc_datastore.schema import EVENT_TYPES, TABLES
 
 DAY = date(2024, 5, 1)
 START = datetime(2024, 5, 1, 10, 0, 0)

@@ -38,15 +38,15 @@ from typing import Any
 
 import pytest
 import requests
+from hisparc_datastore_dev import samples
+from hisparc_datastore_dev.py2pickle import dumps_py2
+from hisparc_datastore_dev.served import Served
 
-from hisparc_datastore import samples
-from hisparc_datastore.bucket import Bucket, failed_key, incoming_key
 from hisparc_datastore.config import Settings
-from hisparc_datastore.daystore import day_file_path
-from hisparc_datastore.py2pickle import dumps_py2
-from hisparc_datastore.served import Served
 from hisparc_datastore.stations import Station
-from hisparc_datastore.upload import metadata_for
+from hisparc_datastore.storage.bucket import Bucket, failed_key, incoming_key
+from hisparc_datastore.storage.daystore import day_file_path
+from hisparc_datastore.upload.protocol import metadata_for
 
 try:  # tests/ as a package, or tests/ on sys.path
     from .conftest import wait_for

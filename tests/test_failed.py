@@ -9,22 +9,22 @@ from pathlib import Path
 
 import pytest
 import tables
+from hisparc_datastore_dev import samples
+from hisparc_datastore_dev.py2pickle import dumps_py2
 
-from hisparc_datastore import samples
-from hisparc_datastore.bucket import Bucket, archive_key, failed_key, incoming_key
 from hisparc_datastore.cli import main
 from hisparc_datastore.config import Settings
-from hisparc_datastore.daystore import day_file_path
-from hisparc_datastore.failed import (
+from hisparc_datastore.ops.failed import (
     failed_key_of,
     list_failed,
     retry,
     summarize_body,
 )
-from hisparc_datastore.py2pickle import dumps_py2
 from hisparc_datastore.stations import Station
-from hisparc_datastore.upload import metadata_for
-from hisparc_datastore.writer import process_keys
+from hisparc_datastore.storage.bucket import Bucket, archive_key, failed_key, incoming_key
+from hisparc_datastore.storage.daystore import day_file_path
+from hisparc_datastore.upload.protocol import metadata_for
+from hisparc_datastore.writer.pipeline import process_keys
 
 RECEIVED = dt.datetime(2024, 3, 1, 12, 0, tzinfo=dt.UTC)
 START = dt.datetime(2024, 3, 1, 10, 0)

@@ -63,17 +63,17 @@ import numpy as np
 import pytest
 import requests
 from conftest import TEST_STATIONS, S3Endpoint
+from hisparc_datastore_dev import samples
+from hisparc_datastore_dev.py2pickle import dumps_py2
 from hostile_pickles import HOSTILE, MARKER
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_upload_http import server_environment, start, stop, upload_site
 
-from hisparc_datastore import samples
-from hisparc_datastore import upload as core
-from hisparc_datastore.bucket import Bucket, StoredObject, incoming_key
-from hisparc_datastore.payload import MAX_DEPTH, decode_batch
-from hisparc_datastore.py2pickle import dumps_py2
+from hisparc_datastore.format.payload import MAX_DEPTH, decode_batch
 from hisparc_datastore.stations import StationList
+from hisparc_datastore.storage.bucket import Bucket, StoredObject, incoming_key
+from hisparc_datastore.upload import protocol as core
 
 # --- the contract ----------------------------------------------------------------------
 

@@ -18,23 +18,23 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hisparc_datastore_dev import samples
+from hisparc_datastore_dev.py2pickle import dumps_py2
 
-from hisparc_datastore import samples
-from hisparc_datastore.bucket import Bucket, incoming_key
 from hisparc_datastore.cli import main
 from hisparc_datastore.config import Settings
-from hisparc_datastore.daystore import day_file_path
-from hisparc_datastore.legacy import (
+from hisparc_datastore.format.payload import PayloadError, decode_batch
+from hisparc_datastore.ops.import_legacy import (
     MARKER_PREFIX,
     decode_queue_file,
     import_legacy,
 )
-from hisparc_datastore.payload import PayloadError, decode_batch
-from hisparc_datastore.py2pickle import dumps_py2
-from hisparc_datastore.replay import compare_files
+from hisparc_datastore.ops.replay import compare_files
 from hisparc_datastore.stations import Station
-from hisparc_datastore.upload import metadata_for
-from hisparc_datastore.writer import process_keys, sweep
+from hisparc_datastore.storage.bucket import Bucket, incoming_key
+from hisparc_datastore.storage.daystore import day_file_path
+from hisparc_datastore.upload.protocol import metadata_for
+from hisparc_datastore.writer.pipeline import process_keys, sweep
 
 DAY = dt.date(2024, 3, 1)
 ALL_TYPES = ("CIC", "ERR", "CFG", "CMP", "SIN", "SAT", "WTR", "WER", "WCG", "LIT", "LER",

@@ -29,11 +29,11 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
+from hisparc_datastore_dev import local
 
-from hisparc_datastore import local
-from hisparc_datastore.bucket import Bucket
-from hisparc_datastore.config import load_settings
-from hisparc_datastore.notifications import parse_notification
+from hisparc_datastore.config import load_settings, stack_environment
+from hisparc_datastore.storage.bucket import Bucket
+from hisparc_datastore.writer.notifications import parse_notification
 
 T = TypeVar("T")
 
@@ -110,10 +110,10 @@ def test_state_dir_credentials_and_station_persist(tmp_path: Path) -> None:
 
 def test_other_commands_find_the_stack_unless_told_otherwise(tmp_path: Path) -> None:
     files = local.StackFiles.at(tmp_path)
-    assert local.stack_environment(tmp_path, {}) == {}  # no stack there: unchanged
+    assert stack_environment(tmp_path, {}) == {}  # no stack there: unchanged
     credentials = local.ensure_credentials(files)
     files.config.write_text(local.render_config(files, "http://127.0.0.1:1", 3))
-    found = local.stack_environment(tmp_path, {"AWS_ACCESS_KEY_ID": "mine"})
+    found = stack_environment(tmp_path, {"AWS_ACCESS_KEY_ID": "mine"})
     assert found["DATASTORE_CONFIG"] == str(files.config)
     assert found["AWS_ACCESS_KEY_ID"] == "mine"
     assert found["AWS_SECRET_ACCESS_KEY"] == credentials["AWS_SECRET_ACCESS_KEY"]
@@ -122,7 +122,7 @@ def test_other_commands_find_the_stack_unless_told_otherwise(tmp_path: Path) -> 
     assert settings.bucket_endpoint == "http://127.0.0.1:1"
     assert settings.data_dir == files.data.resolve()
     explicit = {"DATASTORE_CONFIG": "/etc/elsewhere.ini"}
-    assert local.stack_environment(tmp_path, explicit) == explicit
+    assert stack_environment(tmp_path, explicit) == explicit
 
 
 # ----------------------------------------------------------------------- end to end
@@ -177,7 +177,7 @@ class Stack:
         return info if info and info.pid == self.process.pid else None
 
     def bucket(self) -> Bucket:
-        return Bucket.from_settings(load_settings(local.stack_environment(self.state, {})))
+        return Bucket.from_settings(load_settings(stack_environment(self.state, {})))
 
     def stop(self) -> str:
         self.process.send_signal(signal.SIGINT)
@@ -220,14 +220,14 @@ def process_groups() -> dict[int, list[int]]:
 
 
 def expected_batches(seed: int, start: dt.datetime, size: int, count: int) -> list[list[dict]]:
-    from hisparc_datastore import simulate
+    from hisparc_datastore_dev import simulate
 
     batches = simulate.station_batches(0, size, start, seed)
     return [next(batches) for _ in range(count)]
 
 
 def table_counts(batches: list[list[dict]]) -> Counter[str]:
-    from hisparc_datastore.schema import EVENT_TYPES
+    from hisparc_datastore.format.schema import EVENT_TYPES
 
     return Counter(
         EVENT_TYPES[event["header"]["eventtype_uploadcode"]].table

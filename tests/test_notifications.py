@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
-from hisparc_datastore.notifications import (
+from hisparc_datastore.writer.notifications import (
     PING_TYPE,
     SWEEP_TYPE,
     NotificationError,

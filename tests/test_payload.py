@@ -27,12 +27,14 @@ from typing import Any
 
 import numpy as np
 import pytest
+from hisparc_datastore_dev import samples
+from hisparc_datastore_dev.py2pickle import Py2Long, Py2Unicode, dumps_py2
 from hostile_pickles import HOSTILE, MARKER
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hisparc_datastore import payload, samples
-from hisparc_datastore.payload import (
+from hisparc_datastore.format import payload
+from hisparc_datastore.format.payload import (
     MAX_DEPTH,
     PayloadError,
     decode_batch,
@@ -41,7 +43,6 @@ from hisparc_datastore.payload import (
     event_datetimes,
     is_suspicious,
 )
-from hisparc_datastore.py2pickle import Py2Long, Py2Unicode, dumps_py2
 
 START = dt.datetime(2024, 3, 1, 12, 0, 0)
 
@@ -274,7 +275,7 @@ def test_hostile_corpus_in_a_fresh_interpreter(tmp_path: Path) -> None:
         import json, resource, sys, time
         sys.path.insert(0, sys.argv[1])
         from hostile_pickles import HOSTILE
-        from hisparc_datastore.payload import PayloadError, decode_batch
+        from hisparc_datastore.format.payload import PayloadError, decode_batch
 
         base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         results = []

@@ -17,10 +17,10 @@ import random
 from typing import Any
 
 import pytest
+from hisparc_datastore_dev import samples
+from hisparc_datastore_dev.py2pickle import Py2Long, Py2Unicode, dumps_py2
 
-from hisparc_datastore import samples
-from hisparc_datastore.payload import decode_batch
-from hisparc_datastore.py2pickle import Py2Long, Py2Unicode, dumps_py2
+from hisparc_datastore.format.payload import decode_batch
 
 
 @pytest.mark.parametrize(

@@ -29,13 +29,13 @@ import pytest
 import requests
 from conftest import TEST_STATIONS, S3Endpoint
 from faultproxy import Fault, FaultProxy
+from hisparc_datastore_dev.py2pickle import dumps_py2
 from notification_bodies import minio_body
 from reliability_support import Expected, Served, make_batch, serve, store_batch, verify
 
-from hisparc_datastore.bucket import Bucket
 from hisparc_datastore.config import Settings
-from hisparc_datastore.py2pickle import dumps_py2
-from hisparc_datastore.writer import RetryPolicy, process_keys, sweep
+from hisparc_datastore.storage.bucket import Bucket
+from hisparc_datastore.writer.pipeline import RetryPolicy, process_keys, sweep
 
 FAST = RetryPolicy(delays=(0.05, 0.1))
 

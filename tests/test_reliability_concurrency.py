@@ -29,8 +29,8 @@ from reliability_support import (
     wait_ready,
 )
 
-from hisparc_datastore.bucket import Bucket
 from hisparc_datastore.config import Settings
+from hisparc_datastore.storage.bucket import Bucket
 
 STATIONS = (501, 502, 7001)
 ROUNDS = 2

@@ -19,14 +19,12 @@ import h5py
 import numpy as np
 import pytest
 import tables
+from hisparc_datastore_dev import samples
+from hisparc_datastore_dev.py2pickle import dumps_py2
 
-from hisparc_datastore import samples
-from hisparc_datastore.bucket import Bucket, incoming_key
 from hisparc_datastore.cli import main
 from hisparc_datastore.config import Settings
-from hisparc_datastore.daystore import day_file_path
-from hisparc_datastore.py2pickle import dumps_py2
-from hisparc_datastore.replay import (
+from hisparc_datastore.ops.replay import (
     archive_days,
     compare_files,
     ledger_key,
@@ -35,8 +33,10 @@ from hisparc_datastore.replay import (
     verify,
 )
 from hisparc_datastore.stations import Station
-from hisparc_datastore.upload import metadata_for
-from hisparc_datastore.writer import process_keys
+from hisparc_datastore.storage.bucket import Bucket, incoming_key
+from hisparc_datastore.storage.daystore import day_file_path
+from hisparc_datastore.upload.protocol import metadata_for
+from hisparc_datastore.writer.pipeline import process_keys
 
 DAY1 = dt.date(2024, 3, 1)
 DAY2 = dt.date(2024, 3, 2)
@@ -208,7 +208,7 @@ def test_cli_replay_verify(bucket: Bucket, live: Settings, tmp_path: Path,
 def test_print_comparisons_exit_signal() -> None:
     from io import StringIO
 
-    from hisparc_datastore.replay import FileComparison
+    from hisparc_datastore.ops.replay import FileComparison
 
     stream = StringIO()
     assert not print_comparisons([FileComparison(DAY1, ["x differs"])], stream)
@@ -218,7 +218,7 @@ def test_print_comparisons_exit_signal() -> None:
 def test_small_append_groups_change_nothing(bucket: Bucket, live: Settings, tmp_path: Path,
                                             monkeypatch: pytest.MonkeyPatch) -> None:
     """Streaming in groups of two objects gives the same files as one big group."""
-    from hisparc_datastore import replay as replay_module
+    from hisparc_datastore.ops import replay as replay_module
 
     monkeypatch.setattr(replay_module, "GROUP_OBJECTS", 2)
     out = tmp_path / "small"

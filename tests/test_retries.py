@@ -14,12 +14,12 @@ import time
 import h5py
 import pytest
 
-from hisparc_datastore.bucket import Bucket
 from hisparc_datastore.config import Settings
-from hisparc_datastore.daystore import day_file_path
-from hisparc_datastore.retries import Backoff, RetryBook, RetryRecord, record_key
-from hisparc_datastore.writer import Deferral, WriteResult
-from hisparc_datastore.writer_service import Backlog, Watchdog
+from hisparc_datastore.storage.bucket import Bucket
+from hisparc_datastore.storage.daystore import day_file_path
+from hisparc_datastore.writer.pipeline import Deferral, WriteResult
+from hisparc_datastore.writer.retries import Backoff, RetryBook, RetryRecord, record_key
+from hisparc_datastore.writer.service import Backlog, Watchdog
 
 
 def test_backoff_doubles_up_to_the_longest() -> None:
@@ -132,7 +132,7 @@ def test_the_watchdog_tells_a_stuck_run_from_a_long_one() -> None:
 
 
 def test_health_fails_only_for_a_stuck_run(settings: Settings, bucket: Bucket) -> None:
-    from hisparc_datastore.writer_service import WriterService
+    from hisparc_datastore.writer.service import WriterService
 
     service = WriterService(settings, lambda: bucket, stall_seconds=0.2, tick=0.05)
     try:

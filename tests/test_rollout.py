@@ -20,13 +20,13 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import requests
+from hisparc_datastore_dev.served import Served, start_function, wait_until_serving
 from notification_bodies import minio_body
 from reliability_support import RECEIVED, ROOT, Expected, make_batch, store_batch, verify
 
-from hisparc_datastore.bucket import Bucket, archive_key
 from hisparc_datastore.config import Settings
-from hisparc_datastore.served import Served, start_function, wait_until_serving
-from hisparc_datastore.writer import sweep
+from hisparc_datastore.storage.bucket import Bucket, archive_key
+from hisparc_datastore.writer.pipeline import sweep
 
 SOURCE = ROOT / "functions" / "writer" / "main.py"
 STATIONS = (501, 502, 7001)

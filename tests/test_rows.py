@@ -17,11 +17,11 @@ from typing import Any
 
 import numpy as np
 import pytest
+from hisparc_datastore_dev import samples
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hisparc_datastore import samples
-from hisparc_datastore.rows import (
+from hisparc_datastore.format.rows import (
     BAD_HEADER,
     BAD_VALUE,
     BEFORE_MINIMUM_YEAR,
@@ -31,7 +31,7 @@ from hisparc_datastore.rows import (
     convert_values,
     split_by_day,
 )
-from hisparc_datastore.schema import EVENT_TYPES
+from hisparc_datastore.format.schema import EVENT_TYPES
 
 WHEN = datetime(2024, 5, 1, 12, 30, 15, 250_000)
 ALL_TYPES = sorted(EVENT_TYPES)
@@ -137,7 +137,7 @@ def test_split_by_day_skips_and_counts(caplog: pytest.LogCaptureFixture) -> None
         None,
         {"header": {"datetime": WHEN, "nanoseconds": 0}, "datalist": []},
     ]
-    with caplog.at_level(logging.ERROR, logger="hisparc_datastore.rows"):
+    with caplog.at_level(logging.ERROR, logger="hisparc_datastore.format.rows"):
         days, skipped = split_by_day(events, 2020, context="incoming/501/x.pickle")
     assert days == {date(2024, 5, 1): [good]}
     assert skipped.counts == {
@@ -161,7 +161,7 @@ def test_a_thousand_bad_events_do_not_make_a_thousand_log_lines(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     events = [event("CIC", None) for _ in range(1000)]
-    with caplog.at_level(logging.ERROR, logger="hisparc_datastore.rows"):
+    with caplog.at_level(logging.ERROR, logger="hisparc_datastore.format.rows"):
         days, skipped = split_by_day(events, 2020)
     assert days == {} and skipped.counts == {NO_DATETIME: 1000}
     assert len(caplog.records) == 11
@@ -238,7 +238,7 @@ def test_unknown_codes_warn_once_per_type_and_code(caplog: pytest.LogCaptureFixt
         event("CIC", items=[("XX", 2), ("PH2", 6)]),
         event("SIN", items=[("XX", 3), ("RED", 1)]),
     ]
-    with caplog.at_level(logging.WARNING, logger="hisparc_datastore.rows"):
+    with caplog.at_level(logging.WARNING, logger="hisparc_datastore.format.rows"):
         built = build_table_rows(events, context="k")
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 6  # CIC: XX PH5 PH0 PH; SIN: XX RED
@@ -257,7 +257,7 @@ def test_blob_text_is_latin1_bytes_and_bytes_stay_bytes(
         event("ERR", items=[("ERRMSG", "snow \u2603")]),
         event("ERR", items=[("ERRMSG", "")]),
     ]
-    with caplog.at_level(logging.WARNING, logger="hisparc_datastore.rows"):
+    with caplog.at_level(logging.WARNING, logger="hisparc_datastore.format.rows"):
         built = build_table_rows(events)
     assert list(built.blobs) == [
         b"caf\xe9 \x00\xff", b"\x01raw", "snow \u2603".encode(), b"",
@@ -307,7 +307,7 @@ def test_a_value_that_does_not_fit_skips_only_its_event(
     first = event(code, WHEN, [])
     bad = event(code, WHEN + timedelta(seconds=1), items)
     last = event(code, WHEN + timedelta(seconds=2), [])
-    with caplog.at_level(logging.ERROR, logger="hisparc_datastore.rows"):
+    with caplog.at_level(logging.ERROR, logger="hisparc_datastore.format.rows"):
         built = build_table_rows([first, bad, last], context="incoming/501/y.pickle")
     rows = built[table].rows
     assert len(rows) == 2, why

@@ -6,9 +6,9 @@ import datetime as dt
 
 import pytest
 
-from hisparc_datastore.bucket import Bucket, BucketError, ObjectMissing
 from hisparc_datastore.config import Settings
-from hisparc_datastore.s3direct import DirectS3, Signer, canonical_query, uri_encode
+from hisparc_datastore.storage.bucket import Bucket, BucketError, ObjectMissing
+from hisparc_datastore.storage.s3direct import DirectS3, Signer, canonical_query, uri_encode
 
 
 @pytest.fixture

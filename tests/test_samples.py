@@ -12,9 +12,10 @@ from typing import Any
 
 import numpy as np
 import pytest
+from hisparc_datastore_dev import samples
+from hisparc_datastore_dev.py2pickle import dumps_py2
 
-from hisparc_datastore import samples, schema
-from hisparc_datastore.py2pickle import dumps_py2
+from hisparc_datastore.format import schema
 
 START = dt.datetime(2024, 5, 1, 23, 59, 30)
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from hisparc_datastore import schema
-from hisparc_datastore.schema import EVENT_TYPES, TABLE_NAMES, TABLES, Column, EventType
+from hisparc_datastore.format import schema
+from hisparc_datastore.format.schema import EVENT_TYPES, TABLE_NAMES, TABLES, Column, EventType
 
 # table -> (title, [(column, numpy dtype as PyTables reads it, shape, fill)])
 TABLE_EXPECTATIONS = {

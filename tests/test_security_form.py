@@ -26,7 +26,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from hisparc_datastore import upload as core
+from hisparc_datastore.upload import protocol as core
 
 MIB = 1 << 20
 

@@ -27,10 +27,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from hisparc_datastore_dev import samples
+from hisparc_datastore_dev.py2pickle import dumps_py2
 
-from hisparc_datastore import payload, samples
-from hisparc_datastore.payload import PayloadError, decode_batch
-from hisparc_datastore.py2pickle import dumps_py2
+from hisparc_datastore.format import payload
+from hisparc_datastore.format.payload import PayloadError, decode_batch
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/status").exists(),
                                 reason="measures the peak with Linux's /proc/self/status")
@@ -46,7 +47,7 @@ HOSTILE_SIZE = 4_000_000
 _MEASURE = """
 import json, sys
 from pathlib import Path
-from hisparc_datastore.payload import PayloadError, decode_batch
+from hisparc_datastore.format.payload import PayloadError, decode_batch
 
 def peak():
     for line in Path("/proc/self/status").read_text().splitlines():

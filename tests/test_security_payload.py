@@ -24,7 +24,7 @@ from hostile_pickles import (
     text,
 )
 
-from hisparc_datastore.payload import PayloadError, decode_batch
+from hisparc_datastore.format.payload import PayloadError, decode_batch
 
 ONE = b"\x00\x00\x00\x00\x00\x00\xf0?"  # 1.0 as a little-endian float64
 WHEN = raw_bytes(b"\x07\xe8\x05\x01\x0c\x00\x00\x00\x00\x00")

@@ -31,6 +31,8 @@ from pathlib import Path
 import pytest
 import requests
 from conftest import S3Endpoint
+from hisparc_datastore_dev.py2pickle import dumps_py2
+from hisparc_datastore_dev.served import Served, serve_function
 from test_upload_http import (
     PASSWORD,
     STATION,
@@ -42,9 +44,7 @@ from test_upload_http import (
 )
 
 from hisparc_datastore import cli, serve
-from hisparc_datastore.bucket import Bucket, incoming_key
-from hisparc_datastore.py2pickle import dumps_py2
-from hisparc_datastore.served import Served, serve_function
+from hisparc_datastore.storage.bucket import Bucket, incoming_key
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCE = ROOT / "functions" / "upload" / "main.py"

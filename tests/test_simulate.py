@@ -18,8 +18,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import pytest
-
-from hisparc_datastore import simulate
+from hisparc_datastore_dev import simulate
 
 
 @dataclass
@@ -182,8 +181,9 @@ def test_percentiles_and_summary_layout() -> None:
 
 
 def test_simulated_stations_send_deterministic_batches_of_every_type(scripted) -> None:
-    from hisparc_datastore.payload import decode_batch
-    from hisparc_datastore.samples import EVENT_TYPES
+    from hisparc_datastore_dev.samples import EVENT_TYPES
+
+    from hisparc_datastore.format.payload import decode_batch
 
     server = scripted([(200, "100")])
     start = dt.datetime(2024, 3, 5, 12, 0, 0)

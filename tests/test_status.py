@@ -6,8 +6,8 @@ from __future__ import annotations
 import datetime as dt
 from pathlib import Path
 
-from hisparc_datastore import status
-from hisparc_datastore.status import DayFileStats, PrefixStats, StatusReport
+from hisparc_datastore.ops import status
+from hisparc_datastore.ops.status import DayFileStats, PrefixStats, StatusReport
 
 NOW = dt.datetime(2026, 11, 25, 9, 0, 0, tzinfo=dt.UTC)
 
@@ -140,8 +140,9 @@ def test_collect_counts_objects_and_sums_rows_over_stations(bucket, tmp_path: Pa
     """Against the real S3 server and real day files written by the writer's store."""
     import random
 
-    from hisparc_datastore import samples
-    from hisparc_datastore.daystore import BatchPart, DayFile, day_file_path
+    from hisparc_datastore_dev import samples
+
+    from hisparc_datastore.storage.daystore import BatchPart, DayFile, day_file_path
 
     bucket.put("incoming/501/a.pickle", b"x" * 10, {})
     bucket.put("failed/501/b.pickle", b"y" * 7, {"failure-reason": "not a pickle"})
@@ -184,7 +185,7 @@ def test_an_interrupted_retry_is_pointed_out() -> None:
 
 
 def test_why_objects_wait_is_shown() -> None:
-    from hisparc_datastore.retries import RetryRecord
+    from hisparc_datastore.writer.retries import RetryRecord
 
     moment = NOW.timestamp()
     records = [

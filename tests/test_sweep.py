@@ -13,13 +13,13 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import tables
+from hisparc_datastore_dev import samples
+from hisparc_datastore_dev.py2pickle import dumps_py2
 
-from hisparc_datastore import samples
-from hisparc_datastore.bucket import Bucket, incoming_key
 from hisparc_datastore.config import Settings
-from hisparc_datastore.py2pickle import dumps_py2
 from hisparc_datastore.stations import Station
-from hisparc_datastore.upload import metadata_for
+from hisparc_datastore.storage.bucket import Bucket, incoming_key
+from hisparc_datastore.upload.protocol import metadata_for
 
 DATASTORE = str(Path(sys.executable).with_name("datastore"))
 RECEIVED = dt.datetime(2024, 10, 1, 12, tzinfo=dt.UTC)

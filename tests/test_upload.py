@@ -20,15 +20,16 @@ from pathlib import Path
 import pytest
 import requests
 from conftest import TEST_STATIONS
+from hisparc_datastore_dev import samples
+from hisparc_datastore_dev.py2pickle import Py2Unicode, dumps_py2
 from hostile_pickles import HOSTILE, MARKER
 
-from hisparc_datastore import payload, samples
-from hisparc_datastore import upload as core
-from hisparc_datastore.bucket import Bucket, incoming_key, suspicious_key
 from hisparc_datastore.config import Settings
-from hisparc_datastore.payload import decode_batch
-from hisparc_datastore.py2pickle import Py2Unicode, dumps_py2
+from hisparc_datastore.format import payload
+from hisparc_datastore.format.payload import decode_batch
 from hisparc_datastore.stations import StationList
+from hisparc_datastore.storage.bucket import Bucket, incoming_key, suspicious_key
+from hisparc_datastore.upload import protocol as core
 
 NOW = dt.datetime(2024, 3, 1, 12, 30, 5, 250000, tzinfo=dt.UTC)
 STATION, PASSWORD = 501, TEST_STATIONS[501][1]

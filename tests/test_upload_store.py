@@ -17,8 +17,8 @@ from types import ModuleType
 
 import pytest
 
-from hisparc_datastore.bucket import PICKLE_CONTENT_TYPE, Bucket, BucketError
 from hisparc_datastore.config import Settings
+from hisparc_datastore.storage.bucket import PICKLE_CONTENT_TYPE, Bucket, BucketError
 
 SOURCE = Path(__file__).resolve().parents[1] / "functions" / "upload" / "main.py"
 

@@ -19,16 +19,22 @@ from typing import Any
 import numpy as np
 import pytest
 import tables
+from hisparc_datastore_dev import samples
+from hisparc_datastore_dev.py2pickle import dumps_py2
 
-from hisparc_datastore import samples, schema
-from hisparc_datastore.bucket import Bucket, ObjectInfo, archive_key, failed_key, incoming_key
 from hisparc_datastore.config import Settings
-from hisparc_datastore.daystore import day_file_path
-from hisparc_datastore.py2pickle import dumps_py2
-from hisparc_datastore.retries import Backoff
+from hisparc_datastore.format import schema
 from hisparc_datastore.stations import Station
-from hisparc_datastore.upload import metadata_for
-from hisparc_datastore.writer import (
+from hisparc_datastore.storage.bucket import (
+    Bucket,
+    ObjectInfo,
+    archive_key,
+    failed_key,
+    incoming_key,
+)
+from hisparc_datastore.storage.daystore import day_file_path
+from hisparc_datastore.upload.protocol import metadata_for
+from hisparc_datastore.writer.pipeline import (
     BadOrigin,
     RetryPolicy,
     chunked,
@@ -41,6 +47,7 @@ from hisparc_datastore.writer import (
     station_windows,
     sweep,
 )
+from hisparc_datastore.writer.retries import Backoff
 
 FAST = RetryPolicy(delays=(0.01, 0.01))
 NOW = Backoff(first=0.0, longest=0.0)  # deferred objects are due again at once
@@ -557,7 +564,7 @@ def test_object_that_trips_the_decoder_is_quarantined(
     bucket: Bucket, settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     (a, b, _), _ = three_batches(bucket)
-    from hisparc_datastore import writer
+    from hisparc_datastore.writer import pipeline as writer
 
     real = writer.decode_batch
     poison = bucket.get(a).body
@@ -601,7 +608,7 @@ def test_running_out_of_memory_while_decoding_leaves_the_object_for_a_later_try(
 ) -> None:
     """Memory is the writer's trouble, not the batch's: no quarantine, a 5xx, then a retry."""
     (a, b, _), _ = three_batches(bucket)
-    from hisparc_datastore import writer
+    from hisparc_datastore.writer import pipeline as writer
 
     real = writer.decode_batch
     big = bucket.get(a).body
@@ -630,7 +637,7 @@ def test_rows_one_object_cannot_write_quarantine_only_that_object(
     marked = samples.batch(20, dt.datetime(2024, 6, 1, 10, 30, 0, 424_242), rng,
                            kinds=("CIC", "SIN"), traces=False)
     b = put_batch(bucket, marked)
-    from hisparc_datastore import daystore
+    from hisparc_datastore.storage import daystore
 
     real = daystore.build_table_rows
 
@@ -706,7 +713,7 @@ def test_a_broken_day_file_defers_then_quarantines_with_its_reason(
 def test_large_objects_are_archived_by_server_side_copy(
     bucket: Bucket, settings: Settings, direct: bool
 ) -> None:
-    from hisparc_datastore.writer import ARCHIVE_PUT_BYTES
+    from hisparc_datastore.writer.pipeline import ARCHIVE_PUT_BYTES
 
     rng = random.Random(21)
     events = samples.batch(60, dt.datetime(2024, 2, 29, 23, 59, 50), rng, kinds=("CIC",))

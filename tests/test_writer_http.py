@@ -23,16 +23,16 @@ from pathlib import Path
 import pytest
 import requests
 import tables
+from hisparc_datastore_dev import samples
+from hisparc_datastore_dev.py2pickle import dumps_py2
+from hisparc_datastore_dev.s3server import free_port
+from hisparc_datastore_dev.served import serve_command, serve_function
 
-from hisparc_datastore import samples
-from hisparc_datastore.bucket import Bucket, archive_key, failed_key, incoming_key
-from hisparc_datastore.daystore import day_file_path
-from hisparc_datastore.notifications import PING_TYPE, SWEEP_TYPE
-from hisparc_datastore.py2pickle import dumps_py2
-from hisparc_datastore.s3server import free_port
-from hisparc_datastore.served import serve_command, serve_function
 from hisparc_datastore.stations import Station
-from hisparc_datastore.upload import metadata_for
+from hisparc_datastore.storage.bucket import Bucket, archive_key, failed_key, incoming_key
+from hisparc_datastore.storage.daystore import day_file_path
+from hisparc_datastore.upload.protocol import metadata_for
+from hisparc_datastore.writer.notifications import PING_TYPE, SWEEP_TYPE
 
 try:  # tests/ as a package, or tests/ on sys.path
     from .conftest import S3Endpoint, wait_for, write_station_list

@@ -8,7 +8,7 @@ protocol's ``text/plain`` response with one log line.  Decisions made here:
   before it starts serving: a bad or missing key stops the process with a message naming
   the key, instead of a function that answers every station with an error.
 - Before that, the decoder checks itself on this interpreter
-  (:func:`hisparc_datastore.payload.self_check`): an interpreter that decodes wrongly
+  (:func:`hisparc_datastore.format.payload.self_check`): an interpreter that decodes wrongly
   (CPython 3.11.0-3.11.4 refused every Python 3 pickle with a trace) stops the process
   with a message naming its version, instead of answering stations ``208`` for batches
   they would then resend for ever.
@@ -28,7 +28,7 @@ protocol's ``text/plain`` response with one log line.  Decisions made here:
   ``BUCKET_OPTIONS`` and ``DIRECT_TIMEOUT``) so a slow bucket is answered ``404`` with
   HTTP 503 in seconds.
 - With static credentials (the usual case: environment variables) the put goes through
-  :class:`~hisparc_datastore.s3direct.DirectS3`, the lean SigV4 client whose put sends the
+  :class:`~hisparc_datastore.storage.s3direct.DirectS3`, the lean SigV4 client whose put sends the
   same request as ``Bucket.put``, not boto3: botocore costs
   about 2 ms of CPU per put under the GIL (more than the whole protocol for a 1-event
   batch) and boto3's import and client set-up about 0.2 s of cold start (docs/PERFORMANCE.md).
@@ -44,15 +44,15 @@ import time
 import flask
 import functions_framework
 
-from hisparc_datastore import payload
-from hisparc_datastore import upload as core
-from hisparc_datastore.bucket import Bucket
 from hisparc_datastore.config import ConfigError, Settings, load_settings
+from hisparc_datastore.format import payload
 from hisparc_datastore.logs import setup_logging
-from hisparc_datastore.s3direct import DirectS3
 from hisparc_datastore.stations import StationList
+from hisparc_datastore.storage.bucket import Bucket
+from hisparc_datastore.storage.s3direct import DirectS3
+from hisparc_datastore.upload import protocol as core
 
-log = logging.getLogger("hisparc_datastore.upload")
+log = logging.getLogger("hisparc_datastore.upload.protocol")
 
 DESCRIPTION = (
     "HiSPARC datastore upload endpoint: POST station_id, password, data and checksum "

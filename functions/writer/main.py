@@ -1,8 +1,8 @@
 """HTTP entry point of the writer function: ``functions-framework --target writer``.
 
 A thin shell: check the token, read the body within a small limit, parse it with
-:func:`hisparc_datastore.notifications.parse_notification`, and hand the keys (or a sweep
-request) to the process's :class:`~hisparc_datastore.writer_service.WriterService`, which
+:func:`hisparc_datastore.writer.notifications.parse_notification`, and hand the keys (or a sweep
+request) to the process's :class:`~hisparc_datastore.writer.service.WriterService`, which
 writes them, keeps what must wait, and sweeps in the background.  The status tells the
 sender what to do:
 
@@ -44,12 +44,12 @@ from typing import Any
 import flask
 import functions_framework
 
-from hisparc_datastore import payload
-from hisparc_datastore.bucket import Bucket
 from hisparc_datastore.config import ConfigError, Settings, load_settings
+from hisparc_datastore.format import payload
 from hisparc_datastore.logs import setup_logging
-from hisparc_datastore.notifications import NotificationError, parse_notification
-from hisparc_datastore.writer_service import WriterService
+from hisparc_datastore.storage.bucket import Bucket
+from hisparc_datastore.writer.notifications import NotificationError, parse_notification
+from hisparc_datastore.writer.service import WriterService
 
 log = logging.getLogger("hisparc_datastore.writer.http")
 

@@ -9,6 +9,7 @@ function fails loudly once instead of answering stations with errors for hours.
 from __future__ import annotations
 
 import configparser
+import contextlib
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -16,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 DEFAULT_CONFIG_PATH = "/etc/hisparc-datastore/config.ini"
+#: Where ``datastore local`` keeps its state; other commands find its config there.
+DEFAULT_STATE_DIR = Path("local/state")
 CONFIG_ENV = "DATASTORE_CONFIG"
 ENV_PREFIX = "DATASTORE_"
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
@@ -187,3 +190,38 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         aws_secret_access_key=environ.get("AWS_SECRET_ACCESS_KEY") or None,
         writer_auth_token=environ.get(env_name("Writer", "auth_token")) or None,
     )
+
+
+# -- a local stack's state directory ------------------------------------------------------
+
+
+def parse_env_file(text: str) -> dict[str, str]:
+    """``NAME=value`` lines (``export`` allowed, ``#`` comments), as a shell would source them."""
+    values: dict[str, str] = {}
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        name, _, value = line.removeprefix("export ").partition("=")
+        values[name.strip()] = value.strip().strip("'\"")
+    return values
+
+
+def stack_environment(
+    state_dir: Path, environ: Mapping[str, str] | None = None
+) -> dict[str, str]:
+    """The environment a CLI command should load its settings from.
+
+    An explicit ``DATASTORE_CONFIG`` always wins.  Without one, a local stack's config and
+    credentials in ``state_dir`` are used (credentials already in the environment win).
+    """
+    environment = dict(os.environ if environ is None else environ)
+    config = Path(state_dir) / "config.ini"
+    if environment.get(CONFIG_ENV) or not config.exists():
+        return environment
+    environment[CONFIG_ENV] = str(config)
+    with contextlib.suppress(OSError):
+        credentials = (Path(state_dir) / "credentials.env").read_text(encoding="utf-8")
+        for name, value in parse_env_file(credentials).items():
+            environment.setdefault(name, value)
+    return environment

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import sys
 
-from .config import Settings
+from hisparc_datastore.config import Settings
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 

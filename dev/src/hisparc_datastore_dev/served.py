@@ -6,7 +6,7 @@ what they measure and test is what is deployed.  Each child leads its own proces
 stopping the group stops gunicorn's workers too, even if the arbiter is killed first.
 
 Only the standard library is used here, so ``datastore status`` and ``simulate`` (which
-import :mod:`hisparc_datastore.local`) do not need gunicorn.
+import :mod:`hisparc_datastore_dev.local`) do not need gunicorn.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from .s3server import LOOPBACK, free_port
+from hisparc_datastore_dev.s3server import LOOPBACK, free_port
 
 #: A hang guard for start-up (imports, configuration, gunicorn's fork), not a target.
 READY_TIMEOUT = 120.0

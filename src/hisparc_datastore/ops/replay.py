@@ -54,15 +54,22 @@ from typing import Any
 
 import numpy as np
 
-from .bucket import ARCHIVE, INCOMING, Bucket, BucketError, ObjectInfo, StoredObject
-from .config import Settings, load_settings
-from .daystore import BatchPart, DayFile, day_file_path
-from .logs import setup_logging
-from .payload import PayloadError, decode_batch
-from .rows import split_by_day
-from .schema import BLOBS_NODE, ROOT_GROUP, TABLES
-from .stations import StationList
-from .writer import NoCluster, object_origin, received_time, short_reason
+from hisparc_datastore.config import Settings, load_settings
+from hisparc_datastore.format.payload import PayloadError, decode_batch
+from hisparc_datastore.format.rows import split_by_day
+from hisparc_datastore.format.schema import BLOBS_NODE, ROOT_GROUP, TABLES
+from hisparc_datastore.logs import setup_logging
+from hisparc_datastore.stations import StationList
+from hisparc_datastore.storage.bucket import (
+    ARCHIVE,
+    INCOMING,
+    Bucket,
+    BucketError,
+    ObjectInfo,
+    StoredObject,
+)
+from hisparc_datastore.storage.daystore import BatchPart, DayFile, day_file_path
+from hisparc_datastore.writer.pipeline import NoCluster, object_origin, received_time, short_reason
 
 log = logging.getLogger(__name__)
 

@@ -170,7 +170,7 @@ class SeaweedS3:
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop the server by its PID (and its process group), gracefully first."""
-        from .served import stop_process  # served imports this module
+        from hisparc_datastore_dev.served import stop_process  # served imports this module
 
         if self.process is not None:
             stop_process(self.process, timeout)

@@ -63,7 +63,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
-from .bucket import (
+from hisparc_datastore.config import Settings
+from hisparc_datastore.format.payload import PayloadError, decode_batch
+from hisparc_datastore.format.rows import SkipReport, split_by_day
+from hisparc_datastore.stations import StationList
+from hisparc_datastore.storage.bucket import (
     INCOMING,
     Bucket,
     BucketError,
@@ -74,8 +78,7 @@ from .bucket import (
     archive_key,
     failed_key,
 )
-from .config import Settings
-from .daystore import (
+from hisparc_datastore.storage.daystore import (
     AppendReport,
     BatchPart,
     DayFile,
@@ -85,11 +88,14 @@ from .daystore import (
     is_volume_failure,
     probe_volume,
 )
-from .payload import PayloadError, decode_batch
-from .retries import DEFAULT_BACKOFF, Backoff, RetryBook, RetryRecord, day_name
-from .rows import SkipReport, split_by_day
-from .s3direct import DirectS3
-from .stations import StationList
+from hisparc_datastore.storage.s3direct import DirectS3
+from hisparc_datastore.writer.retries import (
+    DEFAULT_BACKOFF,
+    Backoff,
+    RetryBook,
+    RetryRecord,
+    day_name,
+)
 
 log = logging.getLogger(__name__)
 

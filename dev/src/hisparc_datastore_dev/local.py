@@ -43,11 +43,18 @@ from pathlib import Path
 from typing import Any, TextIO
 from urllib.parse import quote_plus
 
-from . import served
-from .bucket import INCOMING, Bucket, BucketError
-from .config import CONFIG_ENV, env_name, load_settings
-from .notifications import SWEEP_TYPE
-from .s3server import (
+from hisparc_datastore.config import (
+    CONFIG_ENV,
+    DEFAULT_STATE_DIR,
+    env_name,
+    load_settings,
+    parse_env_file,
+)
+from hisparc_datastore.stations import Station, parse_station_list
+from hisparc_datastore.storage.bucket import INCOMING, Bucket, BucketError
+from hisparc_datastore.writer.notifications import SWEEP_TYPE
+from hisparc_datastore_dev import served
+from hisparc_datastore_dev.s3server import (
     GRPC_OFFSET,
     LOOPBACK,
     S3ServerError,
@@ -56,11 +63,9 @@ from .s3server import (
     free_port_pair,
     port_is_free,
 )
-from .served import Served, stop_group
-from .served import pid_alive as _pid_alive
-from .stations import Station, parse_station_list
+from hisparc_datastore_dev.served import Served, stop_group
+from hisparc_datastore_dev.served import pid_alive as _pid_alive
 
-DEFAULT_STATE_DIR = Path("local/state")
 BUCKET_NAME = "hisparc-datastore"
 DEMO_STATION = 501
 DEMO_CLUSTER = "Amsterdam"
@@ -153,18 +158,6 @@ def _write_private(path: Path, text: str) -> None:
     os.replace(temporary, path)
 
 
-def parse_env_file(text: str) -> dict[str, str]:
-    """``NAME=value`` lines (``export`` allowed, ``#`` comments), as a shell would source them."""
-    values: dict[str, str] = {}
-    for line in text.splitlines():
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        name, _, value = line.removeprefix("export ").partition("=")
-        values[name.strip()] = value.strip().strip("'\"")
-    return values
-
-
 def read_stack_info(state_dir: Path) -> StackInfo | None:
     """The running stack's published facts, or None when no stack has published any."""
     try:
@@ -172,25 +165,6 @@ def read_stack_info(state_dir: Path) -> StackInfo | None:
         return StackInfo(**raw)
     except (OSError, ValueError, TypeError):
         return None
-
-
-def stack_environment(
-    state_dir: Path, environ: Mapping[str, str] | None = None
-) -> dict[str, str]:
-    """The environment a CLI command should load its settings from.
-
-    An explicit ``DATASTORE_CONFIG`` always wins.  Without one, a local stack's config and
-    credentials in ``state_dir`` are used (credentials already in the environment win).
-    """
-    environment = dict(os.environ if environ is None else environ)
-    files = StackFiles.at(state_dir)
-    if environment.get(CONFIG_ENV) or not files.config.exists():
-        return environment
-    environment[CONFIG_ENV] = str(files.config)
-    with contextlib.suppress(OSError):
-        for name, value in parse_env_file(files.credentials.read_text(encoding="utf-8")).items():
-            environment.setdefault(name, value)
-    return environment
 
 
 def ensure_credentials(files: StackFiles) -> dict[str, str]:
@@ -407,7 +381,8 @@ def _environment(values: Mapping[str, str]) -> Iterator[None]:
 
 def functions_dir() -> Path:
     """The repository's ``functions/`` folder (the package is installed from the checkout)."""
-    for candidate in (Path(__file__).resolve().parents[2] / "functions", Path.cwd() / "functions"):
+    # dev/src/hisparc_datastore_dev/local.py: the checkout is three folders up.
+    for candidate in (Path(__file__).resolve().parents[3] / "functions", Path.cwd() / "functions"):
         if (candidate / "upload" / "main.py").exists():
             return candidate
     raise LocalStackError(

@@ -728,7 +728,7 @@ def decode_pickle(data: bytes) -> Any:
     """Decode any untrusted pickle through the three gates, whatever its top-level value.
 
     For pickles that wrap a batch, such as the reference datastore's queue files
-    (:mod:`hisparc_datastore.legacy`); the same allowlist, bounds and budget apply.
+    (:mod:`hisparc_datastore.ops.import_legacy`); the same allowlist, bounds and budget apply.
     """
     value, budget = _gated(data)
     _check_tree([value], budget)

@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from .schema import EVENT_TYPES, TABLES, EventType
+from hisparc_datastore.format.schema import EVENT_TYPES, TABLES, EventType
 
 log = logging.getLogger(__name__)
 

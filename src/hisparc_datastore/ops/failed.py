@@ -22,11 +22,18 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .bucket import FAILED, INCOMING, RETRYING, Bucket, BucketError, ObjectMissing
-from .config import Settings, load_settings
-from .logs import setup_logging
-from .payload import PayloadError, decode_batch, event_datetime
-from .writer import WriteResult, process_keys, short_reason
+from hisparc_datastore.config import Settings, load_settings
+from hisparc_datastore.format.payload import PayloadError, decode_batch, event_datetime
+from hisparc_datastore.logs import setup_logging
+from hisparc_datastore.storage.bucket import (
+    FAILED,
+    INCOMING,
+    RETRYING,
+    Bucket,
+    BucketError,
+    ObjectMissing,
+)
+from hisparc_datastore.writer.pipeline import WriteResult, process_keys, short_reason
 
 #: Where a retried object waits between failed/ and incoming/ (see :func:`_send_back`).
 #: Metadata the writer adds on quarantine; a retried object goes back without them.

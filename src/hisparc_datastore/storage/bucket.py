@@ -17,7 +17,7 @@ import hashlib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
-from .config import Settings
+from hisparc_datastore.config import Settings
 
 INCOMING = "incoming/"
 SUSPICIOUS = "suspicious/"

@@ -31,7 +31,8 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from xml.sax.saxutils import escape
 
-from .bucket import (
+from hisparc_datastore.config import Settings
+from hisparc_datastore.storage.bucket import (
     PICKLE_CONTENT_TYPE,
     RETRYABLE_4XX,
     BucketError,
@@ -41,7 +42,6 @@ from .bucket import (
     StoredObject,
     valid_key,
 )
-from .config import Settings
 
 UNSIGNED = "UNSIGNED-PAYLOAD"
 _UNRESERVED = "-_.~"

@@ -30,7 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .local import DEFAULT_STATE_DIR, read_stack_info
+from hisparc_datastore.config import DEFAULT_STATE_DIR
+from hisparc_datastore_dev.local import read_stack_info
 
 PICKLE_FLAVOURS = ("py2", "py3")
 PY3_PROTOCOL = 3  # what PySPARC's uploads were seen to use
@@ -50,7 +51,7 @@ def build_batch(
 
     Times are naive UTC, as the station software sends them.
     """
-    from . import samples
+    from hisparc_datastore_dev import samples
 
     events: list[dict[str, Any]] = []
     if every_type:
@@ -82,11 +83,11 @@ def station_batches(
 def pickle_batch(events: list[dict[str, Any]], flavour: str) -> bytes:
     """The bytes a station would upload for ``events``."""
     if flavour == "py2":
-        from .py2pickle import dumps_py2
+        from hisparc_datastore_dev.py2pickle import dumps_py2
 
         return dumps_py2(events)
     if flavour == "py3":
-        from .samples import numpy_flavour
+        from hisparc_datastore_dev.samples import numpy_flavour
 
         return pickle.dumps(numpy_flavour(events), protocol=PY3_PROTOCOL)
     raise ValueError(f"unknown pickle flavour {flavour!r}")

@@ -29,11 +29,18 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .bucket import Bucket
-from .config import Settings
-from .daystore import day_file_path, held_open
-from .retries import Backoff, RetryBook
-from .writer import Deferral, WriteResult, object_store, process_keys, short_reason, sweep
+from hisparc_datastore.config import Settings
+from hisparc_datastore.storage.bucket import Bucket
+from hisparc_datastore.storage.daystore import day_file_path, held_open
+from hisparc_datastore.writer.pipeline import (
+    Deferral,
+    WriteResult,
+    object_store,
+    process_keys,
+    short_reason,
+    sweep,
+)
+from hisparc_datastore.writer.retries import Backoff, RetryBook
 
 log = logging.getLogger(__name__)
 

@@ -21,12 +21,24 @@ from pathlib import Path
 
 import h5py
 
-from .bucket import DEFERRED, LEGACY_IMPORT, PREFIXES, RETRYING, Bucket, BucketError
-from .config import CONFIG_ENV, ConfigError, load_settings
-from .daystore import day_file_path, held_open
-from .local import DEFAULT_STATE_DIR, stack_environment
-from .retries import Backoff, RetryBook, RetryRecord
-from .schema import ROOT_GROUP, TABLE_NAMES
+from hisparc_datastore.config import (
+    CONFIG_ENV,
+    DEFAULT_STATE_DIR,
+    ConfigError,
+    load_settings,
+    stack_environment,
+)
+from hisparc_datastore.format.schema import ROOT_GROUP, TABLE_NAMES
+from hisparc_datastore.storage.bucket import (
+    DEFERRED,
+    LEGACY_IMPORT,
+    PREFIXES,
+    RETRYING,
+    Bucket,
+    BucketError,
+)
+from hisparc_datastore.storage.daystore import day_file_path, held_open
+from hisparc_datastore.writer.retries import Backoff, RetryBook, RetryRecord
 
 DAY_FILE_NAME = re.compile(r"^(\d{4})_(\d{1,2})_(\d{1,2})\.h5$")
 DEFAULT_DAYS = 7

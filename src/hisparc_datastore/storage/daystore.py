@@ -52,8 +52,8 @@ import h5py
 import numpy as np
 from h5py import h5a, h5d, h5p, h5s, h5t
 
-from .rows import BatchRows, SkipReport, TableRows, build_table_rows
-from .schema import (
+from hisparc_datastore.format.rows import BatchRows, SkipReport, TableRows, build_table_rows
+from hisparc_datastore.format.schema import (
     BLOBS_NODE,
     BLOBS_TITLE,
     ROOT_GROUP,

@@ -18,10 +18,10 @@ import signal
 import threading
 from types import FrameType
 
-from .bucket import Bucket
-from .config import Settings, load_settings
-from .logs import setup_logging
-from .writer import TRANSIENT, WriteResult, short_reason, sweep
+from hisparc_datastore.config import Settings, load_settings
+from hisparc_datastore.logs import setup_logging
+from hisparc_datastore.storage.bucket import Bucket
+from hisparc_datastore.writer.pipeline import TRANSIENT, WriteResult, short_reason, sweep
 
 log = logging.getLogger(__name__)
 

@@ -33,8 +33,14 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
 from typing import Literal, Protocol
 
-from .bucket import DEFERRED, BucketError, ObjectInfo, ObjectMissing, StoredObject
-from .config import Settings
+from hisparc_datastore.config import Settings
+from hisparc_datastore.storage.bucket import (
+    DEFERRED,
+    BucketError,
+    ObjectInfo,
+    ObjectMissing,
+    StoredObject,
+)
 
 log = logging.getLogger(__name__)
 
