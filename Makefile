@@ -27,6 +27,7 @@ venv: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff check src dev functions tests bench
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest
 
 $(SYSTEM_STAMP): pyproject.toml dev/pyproject.toml
@@ -41,6 +42,7 @@ test-system-python: $(SYSTEM_STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check src dev functions tests bench
+	$(BIN)/lint-imports
 
 run: $(STAMP)
 	$(BIN)/datastore local

@@ -46,10 +46,11 @@ import requests
 import tables
 from hisparc_datastore_dev import samples
 from hisparc_datastore_dev.local import LocalStack, Options
+from hisparc_datastore_dev.ports import free_port, free_port_pair
 from hisparc_datastore_dev.py2pickle import dumps_py2
-from hisparc_datastore_dev.s3server import free_port, free_port_pair
 
-from hisparc_datastore.storage.daystore import COMMITTED, LEDGER_GROUP, day_file_path
+from hisparc_datastore.storage.dayfile import day_file_path
+from hisparc_datastore.storage.dayfile.ledger import COMMITTED, LEDGER_GROUP
 
 DAY = dt.date(2024, 6, 1)
 FIRST_STATION = 20001

@@ -101,8 +101,8 @@ def put_objects(bucket: object, events: int, objects: int, seed: int, when: dt.d
     from hisparc_datastore_dev import samples
     from hisparc_datastore_dev.py2pickle import dumps_py2
 
+    from hisparc_datastore.format.keys import incoming_key
     from hisparc_datastore.stations import Station
-    from hisparc_datastore.storage.bucket import incoming_key
     from hisparc_datastore.upload.protocol import metadata_for
 
     rng = random.Random(seed)

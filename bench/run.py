@@ -82,7 +82,8 @@ def cold_starts(count: int) -> list[float]:
     """Process start to first ``100`` of the upload function, ``count`` times."""
     sys.path.insert(0, str(HERE))
     import upload as bench_upload
-    from hisparc_datastore_dev.s3server import SeaweedS3, free_port
+    from hisparc_datastore_dev.ports import free_port
+    from hisparc_datastore_dev.s3server import SeaweedS3
 
     from hisparc_datastore.storage.bucket import Bucket
 

@@ -3,14 +3,14 @@
 What is measured, all in this process and this run (best of ``--repeat``):
 
 - full path: object bytes -> ``payload.decode_batch`` -> ``rows.split_by_day`` ->
-  ``DayFile.append`` (which builds the numpy rows and writes them), for a 1000-event CIC
+  ``DayFile.write`` (which builds the numpy rows and writes them), for a 1000-event CIC
   batch with 4 realistic traces per event, Python 2 (protocol 0, ``dumps_py2``) and
   Python 3 (protocol 4 of the numpy flavour) payloads, into a fresh day file and into a
   large one (``--large`` batches already in it);
 - the limit: the same run's restricted unpickling (``decode_batch``) + base64 decoding
   of the traces + one bulk h5py write of the same rows and blob bytes (one dataset per
   table and one vlen blob array, written whole into a new file);
-- the HDF5 part of the full path: ``DayFile.append`` minus building the rows, against
+- the HDF5 part of the full path: ``DayFile.append`` of rows built beforehand, against
   the bulk write above;
 - the naive baseline: the same rows appended with PyTables row by row (``table.row`` /
   ``row.append()`` and a blob ``append`` per value, ``flush()`` per event, like the
@@ -52,12 +52,19 @@ from hisparc_datastore_dev.py2pickle import dumps_py2
 from hisparc_datastore_dev.s3server import SeaweedS3
 
 from hisparc_datastore.config import Settings
+from hisparc_datastore.format.keys import incoming_key
 from hisparc_datastore.format.payload import decode_batch
-from hisparc_datastore.format.rows import BatchRows, build_table_rows, split_by_day
+from hisparc_datastore.format.rows import (
+    BatchPart,
+    BatchRows,
+    StationBatch,
+    build_table_rows,
+    check_events,
+    split_by_day,
+)
 from hisparc_datastore.stations import Station
-from hisparc_datastore.storage import daystore
-from hisparc_datastore.storage.bucket import Bucket, incoming_key
-from hisparc_datastore.storage.daystore import BatchPart, DayFile, day_file_path
+from hisparc_datastore.storage.bucket import Bucket
+from hisparc_datastore.storage.dayfile import DayFile, day_file_path
 from hisparc_datastore.upload.protocol import metadata_for
 from hisparc_datastore.writer.pipeline import sweep
 
@@ -96,14 +103,15 @@ def full_path(body: bytes, path: Path, key: str) -> None:
     for day, day_events in days.items():
         assert day == DAY
         with DayFile(path) as day_file:
-            day_file.append([BatchPart(key, "etag", STATION, CLUSTER, day_events)])
+            day_file.write([BatchPart(key, "etag", STATION, CLUSTER, day_events)])
 
 
 def fill_large(path: Path, events: list[dict[str, Any]], batches: int) -> None:
+    checked, _ = check_events(events)
     with DayFile(path) as day_file:
         for number in range(batches):
-            day_file.append([BatchPart(f"incoming/{STATION}/fill-{number}.pickle", "e",
-                                       STATION, CLUSTER, events)])
+            day_file.write([BatchPart(f"incoming/{STATION}/fill-{number}.pickle", "e",
+                                      STATION, CLUSTER, checked)])
 
 
 # --- the limit ----------------------------------------------------------------------------
@@ -274,16 +282,13 @@ def main() -> int:
             lines.append(Line(f"full path {flavour}, {target} day file", args.events / elapsed,
                               "events/s", f"{limit / elapsed:.2f}x the limit (target 0.6)"))
 
-    # The HDF5 part alone: DayFile.append with the rows already built (the row builder
-    # it calls is swapped for the prebuilt result while this is timed).
+    # The HDF5 part alone: DayFile.append of the rows built beforehand.
+    checked, _ = check_events(events)
+    prebuilt = BatchPart("incoming/x", "e", STATION, CLUSTER, checked)
+
     def append_prebuilt(path: Path) -> None:
-        original = daystore.build_table_rows
-        daystore.build_table_rows = lambda *_, **__: built
-        try:
-            with DayFile(path) as day_file:
-                day_file.append([BatchPart("incoming/x", "e", STATION, CLUSTER, events)])
-        finally:
-            daystore.build_table_rows = original
+        with DayFile(path) as day_file:
+            day_file.append([StationBatch(CLUSTER, STATION, [prebuilt], [0], built)])
 
     append_paths: list[Path] = []
     hdf5_part = best(args.repeat, lambda: append_prebuilt(append_paths[-1]),

@@ -37,9 +37,10 @@ from hisparc_datastore_dev import samples
 from hisparc_datastore_dev.py2pickle import dumps_py2
 from hisparc_datastore_dev.served import Served, serve_function
 
+from hisparc_datastore.format.keys import incoming_key
 from hisparc_datastore.stations import Station
-from hisparc_datastore.storage.bucket import Bucket, incoming_key
-from hisparc_datastore.storage.daystore import day_file_path
+from hisparc_datastore.storage.bucket import Bucket
+from hisparc_datastore.storage.dayfile import day_file_path
 from hisparc_datastore.upload.protocol import metadata_for
 
 HERE = Path(__file__).resolve().parent
@@ -301,7 +302,7 @@ def _die() -> None:
 
 def install_crash(spec: str) -> None:
     """Make this process SIGKILL itself at the n-th pass of a point (test process only)."""
-    from hisparc_datastore.storage import daystore
+    from hisparc_datastore.storage.dayfile import dayfile
     from hisparc_datastore.writer import pipeline as writer
 
     point, _, nth = spec.partition(":")
@@ -322,22 +323,31 @@ def install_crash(spec: str) -> None:
             return real_get(self, key)
 
         writer.ObjectStore.get = get  # type: ignore[method-assign]
-    elif point in ("intent", "created", "data", "committed"):
-        real_append = daystore.DayFile.append
+    elif point in ("intent", "created", "data"):
+        # The append dies at the step after ``point``, with what it did by then flushed.
+        step = {"intent": "_create_nodes", "created": "_write_data", "data": "_commit"}[point]
+        real_step = getattr(dayfile.DayFile, step)
 
-        def append(self: Any, parts: Any) -> Any:
-            if point != "committed" and tick():
-                self._append_without_commit(parts, stage=point)
+        def dying_step(self: Any, *args: Any) -> Any:
+            if tick():
+                self.file.flush()
                 _die()
-            report = real_append(self, parts)
-            if point == "committed" and tick():
+            return real_step(self, *args)
+
+        setattr(dayfile.DayFile, step, dying_step)
+    elif point == "committed":
+        real_write = dayfile.DayFile.write
+
+        def write(self: Any, parts: Any) -> Any:
+            report = real_write(self, parts)
+            if tick():
                 _die()
             return report
 
-        daystore.DayFile.append = append  # type: ignore[method-assign]
+        dayfile.DayFile.write = write  # type: ignore[method-assign]
     elif point in ("rows", "blobs"):
-        name = "_append_rows" if point == "rows" else "_append_blobs"
-        real = getattr(daystore, name)
+        name = "append_rows" if point == "rows" else "append_blobs"
+        real = getattr(dayfile, name)
 
         def wrapped(*args: Any) -> Any:
             start = real(*args)
@@ -346,7 +356,7 @@ def install_crash(spec: str) -> None:
                 _die()
             return start
 
-        setattr(daystore, name, wrapped)
+        setattr(dayfile, name, wrapped)
     elif point == "archived":
         real_put, real_copy = writer.ObjectStore.put, writer.ObjectStore.copy
 

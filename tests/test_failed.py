@@ -14,6 +14,7 @@ from hisparc_datastore_dev.py2pickle import dumps_py2
 
 from hisparc_datastore.cli import main
 from hisparc_datastore.config import Settings
+from hisparc_datastore.format.keys import archive_key, failed_key, incoming_key
 from hisparc_datastore.ops.failed import (
     failed_key_of,
     list_failed,
@@ -21,8 +22,8 @@ from hisparc_datastore.ops.failed import (
     summarize_body,
 )
 from hisparc_datastore.stations import Station
-from hisparc_datastore.storage.bucket import Bucket, archive_key, failed_key, incoming_key
-from hisparc_datastore.storage.daystore import day_file_path
+from hisparc_datastore.storage.bucket import Bucket
+from hisparc_datastore.storage.dayfile import day_file_path
 from hisparc_datastore.upload.protocol import metadata_for
 from hisparc_datastore.writer.pipeline import process_keys
 

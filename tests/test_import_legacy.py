@@ -23,6 +23,7 @@ from hisparc_datastore_dev.py2pickle import dumps_py2
 
 from hisparc_datastore.cli import main
 from hisparc_datastore.config import Settings
+from hisparc_datastore.format.keys import incoming_key
 from hisparc_datastore.format.payload import PayloadError, decode_batch
 from hisparc_datastore.ops.import_legacy import (
     MARKER_PREFIX,
@@ -31,8 +32,8 @@ from hisparc_datastore.ops.import_legacy import (
 )
 from hisparc_datastore.ops.replay import compare_files
 from hisparc_datastore.stations import Station
-from hisparc_datastore.storage.bucket import Bucket, incoming_key
-from hisparc_datastore.storage.daystore import day_file_path
+from hisparc_datastore.storage.bucket import Bucket
+from hisparc_datastore.storage.dayfile import day_file_path
 from hisparc_datastore.upload.protocol import metadata_for
 from hisparc_datastore.writer.pipeline import process_keys, sweep
 

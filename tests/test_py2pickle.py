@@ -120,7 +120,7 @@ def station_batch() -> list[dict[str, Any]]:
     rng = random.Random(5)
     start = dt.datetime(2024, 6, 30, 23, 59, 0)  # crosses midnight
     batch = samples.realistic_batch(80, start, rng)
-    return batch + [samples.event_of_type(code, start, rng) for code in samples.EVENT_TYPES]
+    return batch + [samples.event_of_type(code, start, rng) for code in samples.UPLOAD_CODE_ORDER]
 
 
 def test_round_trip_through_the_standard_library_and_decode_batch(
@@ -142,7 +142,7 @@ def ascii_events() -> list[dict[str, Any]]:
     rng = random.Random(6)
     start = dt.datetime(2050, 1, 2, 3, 4, 5)
     batch = samples.realistic_batch(30, start, rng)
-    batch += [samples.event_of_type(code, start, rng) for code in samples.EVENT_TYPES]
+    batch += [samples.event_of_type(code, start, rng) for code in samples.UPLOAD_CODE_ORDER]
     for event in batch:
         header = event["header"]
         header["datetime"] = header["datetime"].replace(microsecond=0)

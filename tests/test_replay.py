@@ -24,6 +24,7 @@ from hisparc_datastore_dev.py2pickle import dumps_py2
 
 from hisparc_datastore.cli import main
 from hisparc_datastore.config import Settings
+from hisparc_datastore.format.keys import incoming_key
 from hisparc_datastore.ops.replay import (
     archive_days,
     compare_files,
@@ -33,8 +34,8 @@ from hisparc_datastore.ops.replay import (
     verify,
 )
 from hisparc_datastore.stations import Station
-from hisparc_datastore.storage.bucket import Bucket, incoming_key
-from hisparc_datastore.storage.daystore import day_file_path
+from hisparc_datastore.storage.bucket import Bucket
+from hisparc_datastore.storage.dayfile import day_file_path
 from hisparc_datastore.upload.protocol import metadata_for
 from hisparc_datastore.writer.pipeline import process_keys
 

@@ -25,7 +25,8 @@ from notification_bodies import minio_body
 from reliability_support import RECEIVED, ROOT, Expected, make_batch, store_batch, verify
 
 from hisparc_datastore.config import Settings
-from hisparc_datastore.storage.bucket import Bucket, archive_key
+from hisparc_datastore.format.keys import archive_key
+from hisparc_datastore.storage.bucket import Bucket
 from hisparc_datastore.writer.pipeline import sweep
 
 SOURCE = ROOT / "functions" / "writer" / "main.py"

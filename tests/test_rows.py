@@ -109,8 +109,12 @@ def test_split_by_day_groups_by_utc_date_in_arrival_order() -> None:
     ]
     days, skipped = split_by_day(events, 2020)
     assert list(days) == [date(2024, 5, 1), date(2024, 5, 2)]
-    assert days[date(2024, 5, 1)] == [events[0], events[2]]
-    assert days[date(2024, 5, 2)] == [events[1], events[3]]
+    assert [c.event for c in days[date(2024, 5, 1)]] == [events[0], events[2]]
+    assert [c.event for c in days[date(2024, 5, 2)]] == [events[1], events[3]]
+    # Checked once: each carries its type and UTC second, as build_rows takes them.
+    first = days[date(2024, 5, 1)][0]
+    assert first.event_type.upload_code == "CIC"
+    assert first.timestamp == calendar.timegm(late.timetuple())
     assert skipped.total == 0
 
 
@@ -139,7 +143,8 @@ def test_split_by_day_skips_and_counts(caplog: pytest.LogCaptureFixture) -> None
     ]
     with caplog.at_level(logging.ERROR, logger="hisparc_datastore.format.rows"):
         days, skipped = split_by_day(events, 2020, context="incoming/501/x.pickle")
-    assert days == {date(2024, 5, 1): [good]}
+    assert {day: [c.event for c in found] for day, found in days.items()} == {
+        date(2024, 5, 1): [good]}
     assert skipped.counts == {
         BEFORE_MINIMUM_YEAR: 1, NO_DATETIME: 3, UNKNOWN_TYPE: 3, BAD_HEADER: 4,
     }

@@ -178,7 +178,7 @@ def _flavours(events: list[dict]) -> dict[str, bytes]:
 DENSITY_MARGIN = 1.5
 
 
-@pytest.mark.parametrize("kind", [*samples.EVENT_TYPES, "realistic", "realistic, no traces"])
+@pytest.mark.parametrize("kind", [*samples.UPLOAD_CODE_ORDER, "realistic", "realistic, no traces"])
 def test_real_batches_of_every_type_stay_well_inside_the_container_bound(kind: str) -> None:
     """Refusing a real batch would block the station's queue for good: every event type
     in every flavour keeps a margin from the bound, without the base's help."""

@@ -181,7 +181,7 @@ def test_percentiles_and_summary_layout() -> None:
 
 
 def test_simulated_stations_send_deterministic_batches_of_every_type(scripted) -> None:
-    from hisparc_datastore_dev.samples import EVENT_TYPES
+    from hisparc_datastore_dev.samples import UPLOAD_CODE_ORDER
 
     from hisparc_datastore.format.payload import decode_batch
 
@@ -201,7 +201,7 @@ def test_simulated_stations_send_deterministic_batches_of_every_type(scripted) -
     assert len(first_batches) == 2
     for batch in first_batches:
         codes = [event["header"]["eventtype_uploadcode"] for event in batch]
-        assert codes[:len(EVENT_TYPES)] == list(EVENT_TYPES)
+        assert codes[:len(UPLOAD_CODE_ORDER)] == list(UPLOAD_CODE_ORDER)
 
     # Same seed and start: the same batches, in either pickle flavour.
     again = list(itertools.islice(simulate.station_batches(0, 20, start, seed=4), 2))

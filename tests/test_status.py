@@ -142,7 +142,8 @@ def test_collect_counts_objects_and_sums_rows_over_stations(bucket, tmp_path: Pa
 
     from hisparc_datastore_dev import samples
 
-    from hisparc_datastore.storage.daystore import BatchPart, DayFile, day_file_path
+    from hisparc_datastore.format.rows import BatchPart, check_events
+    from hisparc_datastore.storage.dayfile import DayFile, day_file_path
 
     bucket.put("incoming/501/a.pickle", b"x" * 10, {})
     bucket.put("failed/501/b.pickle", b"y" * 7, {"failure-reason": "not a pickle"})
@@ -154,12 +155,14 @@ def test_collect_counts_objects_and_sums_rows_over_stations(bucket, tmp_path: Pa
     day = start.date()
     parts = [
         BatchPart("k1", "e1", 501, "Amsterdam",
-                  samples.batch(6, start, rng, kinds=("CIC", "SIN"))),
-        BatchPart("k2", "e2", 502, "Amsterdam", samples.batch(4, start, rng, kinds=("CIC",))),
-        BatchPart("k3", "e3", 7001, "Leiden", samples.batch(2, start, rng, kinds=("WTR",))),
+                  check_events(samples.batch(6, start, rng, kinds=("CIC", "SIN")))[0]),
+        BatchPart("k2", "e2", 502, "Amsterdam",
+                  check_events(samples.batch(4, start, rng, kinds=("CIC",)))[0]),
+        BatchPart("k3", "e3", 7001, "Leiden",
+                  check_events(samples.batch(2, start, rng, kinds=("WTR",)))[0]),
     ]
     with DayFile(day_file_path(tmp_path, day)) as day_file:
-        day_file.append(parts)
+        day_file.write(parts)
     (tmp_path / "2024" / "3" / "stray.h5").write_bytes(b"")
 
     report = status.collect(bucket, tmp_path)

@@ -24,26 +24,18 @@ from hisparc_datastore_dev.py2pickle import dumps_py2
 
 from hisparc_datastore.config import Settings
 from hisparc_datastore.format import schema
+from hisparc_datastore.format.keys import archive_key, failed_key, incoming_key, station_from_key
+from hisparc_datastore.format.origin import BadOrigin, object_origin, received_time
 from hisparc_datastore.stations import Station
-from hisparc_datastore.storage.bucket import (
-    Bucket,
-    ObjectInfo,
-    archive_key,
-    failed_key,
-    incoming_key,
-)
-from hisparc_datastore.storage.daystore import day_file_path
+from hisparc_datastore.storage.bucket import Bucket, ObjectInfo
+from hisparc_datastore.storage.dayfile import day_file_path
 from hisparc_datastore.upload.protocol import metadata_for
 from hisparc_datastore.writer.pipeline import (
-    BadOrigin,
     RetryPolicy,
     chunked,
-    object_origin,
     oldest_first,
     process_keys,
-    received_time,
     short_reason,
-    station_from_key,
     station_windows,
     sweep,
 )
@@ -174,7 +166,7 @@ def test_every_event_type_written_with_exact_values(bucket: Bucket, settings: Se
     start = dt.datetime(2024, 3, 1, 12, 0, 0, 250_000)
     events = [
         samples.event_of_type(code, start + dt.timedelta(seconds=n), rng)
-        for n, code in enumerate(samples.EVENT_TYPES)
+        for n, code in enumerate(samples.UPLOAD_CODE_ORDER)
     ]
     events += [samples.event_of_type(code, start + dt.timedelta(minutes=5), rng)
                for code in ("CIC", "LIT", "WCG")]  # second rows: event_id continues
@@ -192,7 +184,7 @@ def test_every_event_type_written_with_exact_values(bucket: Bucket, settings: Se
             "HiSPARC cluster Amsterdam data"
         )
         assert {node._v_name for node in h5.list_nodes(STATION_PATH)} == {
-            *(schema.EVENT_TYPES[code].table for code in samples.EVENT_TYPES), "blobs"
+            *(schema.EVENT_TYPES[code].table for code in samples.UPLOAD_CODE_ORDER), "blobs"
         }
     archived = archive_key(key, RECEIVED)
     assert keys_under(bucket, "incoming/") == []
@@ -239,7 +231,7 @@ def test_python2_and_python3_payloads_give_identical_files(
     start = dt.datetime(2024, 5, 17, 8, 0, 0, 123_456)
     events = samples.realistic_batch(150, start, rng)
     events += [samples.event_of_type(code, start + dt.timedelta(minutes=3), rng)
-               for code in samples.EVENT_TYPES]
+               for code in samples.UPLOAD_CODE_ORDER]
     py2_key = put_batch(bucket, events, "py2")
     py3_key = put_batch(bucket, events, "py3")
     assert py2_key != py3_key  # different bytes, different objects
@@ -564,7 +556,7 @@ def test_object_that_trips_the_decoder_is_quarantined(
     bucket: Bucket, settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     (a, b, _), _ = three_batches(bucket)
-    from hisparc_datastore.writer import pipeline as writer
+    from hisparc_datastore.format import origin as writer
 
     real = writer.decode_batch
     poison = bucket.get(a).body
@@ -608,7 +600,7 @@ def test_running_out_of_memory_while_decoding_leaves_the_object_for_a_later_try(
 ) -> None:
     """Memory is the writer's trouble, not the batch's: no quarantine, a 5xx, then a retry."""
     (a, b, _), _ = three_batches(bucket)
-    from hisparc_datastore.writer import pipeline as writer
+    from hisparc_datastore.format import origin as writer
 
     real = writer.decode_batch
     big = bucket.get(a).body
@@ -637,16 +629,16 @@ def test_rows_one_object_cannot_write_quarantine_only_that_object(
     marked = samples.batch(20, dt.datetime(2024, 6, 1, 10, 30, 0, 424_242), rng,
                            kinds=("CIC", "SIN"), traces=False)
     b = put_batch(bucket, marked)
-    from hisparc_datastore.storage import daystore
+    from hisparc_datastore.format import rows
 
-    real = daystore.build_table_rows
+    real = rows.build_rows
 
     def poisoned(events: Any, *, context: Any = "") -> Any:
-        if any(event["header"]["datetime"].microsecond == 424_242 for event in events):
+        if any(item.event["header"]["datetime"].microsecond == 424_242 for item in events):
             raise TypeError("cannot build these rows")
         return real(events, context=context)
 
-    monkeypatch.setattr(daystore, "build_table_rows", poisoned)
+    monkeypatch.setattr(rows, "build_rows", poisoned)
     result = sweep(bucket, settings, retry=FAST)
 
     assert result.ok and sorted(result.archived) == sorted(good) and result.rows == 60

@@ -24,13 +24,14 @@ import pytest
 import requests
 import tables
 from hisparc_datastore_dev import samples
+from hisparc_datastore_dev.ports import free_port
 from hisparc_datastore_dev.py2pickle import dumps_py2
-from hisparc_datastore_dev.s3server import free_port
 from hisparc_datastore_dev.served import serve_command, serve_function
 
+from hisparc_datastore.format.keys import archive_key, failed_key, incoming_key
 from hisparc_datastore.stations import Station
-from hisparc_datastore.storage.bucket import Bucket, archive_key, failed_key, incoming_key
-from hisparc_datastore.storage.daystore import day_file_path
+from hisparc_datastore.storage.bucket import Bucket
+from hisparc_datastore.storage.dayfile import day_file_path
 from hisparc_datastore.upload.protocol import metadata_for
 from hisparc_datastore.writer.notifications import PING_TYPE, SWEEP_TYPE
 

@@ -13,6 +13,7 @@ import io
 import logging
 import os
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -102,3 +103,25 @@ class StationList:
 
     def __len__(self) -> int:
         return len(self._stations)
+
+
+_lists: dict[Path, StationList] = {}
+_lists_lock = threading.Lock()
+
+
+def cluster_lookup(path: Path) -> Callable[[int], str | None]:
+    """A station's cluster from the list at ``path``, for objects without metadata.
+
+    The list is read on first use, not before (most objects carry their cluster), and
+    shared by every lookup of the same path in this process.
+    """
+
+    def cluster_of(number: int) -> str | None:
+        with _lists_lock:
+            stations = _lists.get(Path(path))
+            if stations is None:
+                stations = _lists[Path(path)] = StationList(path)
+        station = stations.get(number)
+        return station.cluster if station else None
+
+    return cluster_of

@@ -50,19 +50,20 @@ from hisparc_datastore.config import (
     load_settings,
     parse_env_file,
 )
+from hisparc_datastore.format.keys import INCOMING
 from hisparc_datastore.stations import Station, parse_station_list
-from hisparc_datastore.storage.bucket import INCOMING, Bucket, BucketError
+from hisparc_datastore.storage.bucket import Bucket, BucketError
 from hisparc_datastore.writer.notifications import SWEEP_TYPE
 from hisparc_datastore_dev import served
-from hisparc_datastore_dev.s3server import (
+from hisparc_datastore_dev.ports import (
     GRPC_OFFSET,
     LOOPBACK,
-    S3ServerError,
-    SeaweedS3,
+    NoFreePort,
     free_port,
     free_port_pair,
     port_is_free,
 )
+from hisparc_datastore_dev.s3server import S3ServerError, SeaweedS3
 from hisparc_datastore_dev.served import Served, stop_group
 from hisparc_datastore_dev.served import pid_alive as _pid_alive
 
@@ -710,7 +711,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         try:
             info = stack.start()
-        except (LocalStackError, S3ServerError) as exc:
+        except (LocalStackError, S3ServerError, NoFreePort) as exc:
             if stack.stop_requested.is_set():
                 return 130
             print(f"datastore local: {exc}", file=sys.stderr)

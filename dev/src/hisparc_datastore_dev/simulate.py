@@ -55,7 +55,7 @@ def build_batch(
 
     events: list[dict[str, Any]] = []
     if every_type:
-        for index, code in enumerate(samples.EVENT_TYPES[:size]):
+        for index, code in enumerate(samples.UPLOAD_CODE_ORDER[:size]):
             events.append(samples.event_of_type(code, start + dt.timedelta(seconds=index), rng))
     rest = size - len(events)
     if rest:

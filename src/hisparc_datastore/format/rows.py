@@ -20,16 +20,17 @@ of ``blobs`` at write time (see :meth:`TableRows.rows_with_blob_offset`).
 from __future__ import annotations
 
 import binascii
+import bisect
 import logging
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
-from hisparc_datastore.format.schema import EVENT_TYPES, TABLES, EventType
+from hisparc_datastore.format.schema import EVENT_TYPES, TABLES, EventType, cluster_node
 
 log = logging.getLogger(__name__)
 
@@ -127,36 +128,60 @@ def _header_problem(event: Any) -> tuple[str, str] | tuple[EventType, datetime]:
     return event_type, moment
 
 
+class CheckedEvent(NamedTuple):
+    """An event whose header passed the checks: its type and UTC time, found once."""
+
+    event_type: EventType
+    timestamp: int  # seconds since the epoch (UTC)
+    event: dict[str, Any]
+
+
+def _check(event: Any, position: int, skips: _SkipLog) -> tuple[CheckedEvent, datetime] | None:
+    checked = _header_problem(event)
+    if isinstance(checked[0], str):
+        skips.skip(checked[0], position, str(checked[1]))
+        return None
+    event_type, moment = checked
+    assert isinstance(event_type, EventType) and isinstance(moment, datetime)
+    return CheckedEvent(event_type, (moment - _EPOCH) // _ONE_SECOND, event), moment
+
+
 def split_by_day(
     events: Iterable[Any], minimum_year: int, *, context: Context = ""
-) -> tuple[dict[date, list[dict]], SkipReport]:
-    """Group events by the UTC date of their header datetime, keeping arrival order.
+) -> tuple[dict[date, list[CheckedEvent]], SkipReport]:
+    """Check every event's header once and group the good ones by UTC date, in order.
 
     Events without a usable header, of an unknown type, without a valid datetime or
     before ``minimum_year`` (GPS cold starts report 2019) are skipped, counted and logged.
-    Naive datetimes are UTC (GPS-derived); aware ones are converted.
+    Naive datetimes are UTC (GPS-derived); aware ones are converted.  What comes out is
+    what :func:`build_rows` takes: nothing is checked twice.
     """
     skips = _SkipLog(context)
-    days: dict[date, list[dict]] = {}
+    days: dict[date, list[CheckedEvent]] = {}
     for position, event in enumerate(events):
-        checked = _header_problem(event)
-        if isinstance(checked[0], str):
-            skips.skip(checked[0], position, str(checked[1]))
+        found = _check(event, position, skips)
+        if found is None:
             continue
-        moment = checked[1]
-        assert isinstance(moment, datetime)
+        checked, moment = found
         if moment.year < minimum_year:
             skips.skip(
                 BEFORE_MINIMUM_YEAR, position, f"{moment:%Y-%m-%d} is before {minimum_year}"
             )
             continue
-        day = moment.date()
-        bucket = days.get(day)
-        if bucket is None:
-            days[day] = bucket = []
-        bucket.append(event)
+        days.setdefault(moment.date(), []).append(checked)
     skips.close()
     return days, skips.report
+
+
+def check_events(events: Iterable[Any], *, context: Context = "") -> tuple[
+    list[CheckedEvent], SkipReport
+]:
+    """Every event's header checked, in order (no day split, no year rule)."""
+    skips = _SkipLog(context)
+    checked = [found[0] for position, event in enumerate(events)
+               if (found := _check(event, position, skips)) is not None]
+    skips.close()
+    return checked, skips.report
 
 
 @dataclass(frozen=True)
@@ -219,7 +244,7 @@ class _BadValue(Exception):
 
 
 @dataclass(frozen=True)
-class _Plan:
+class _Slots:
     """Per event type: concrete upload code -> slot, and what each slot is."""
 
     slot_of: dict[str, int]
@@ -232,7 +257,7 @@ class _Plan:
     groups: tuple[tuple[str, tuple[int, ...], bool], ...]
 
 
-def _make_plan(event_type: EventType) -> _Plan:
+def _slots_of(event_type: EventType) -> _Slots:
     # Blob slots last, so one comparison tells them apart in the hot loop.
     items = sorted(event_type.fields.items(), key=lambda item: item[1].blob)
     groups: dict[str, list[int]] = {}
@@ -242,7 +267,7 @@ def _make_plan(event_type: EventType) -> _Plan:
         elements = [items[slot][1].element for slot in slots]
         if elements != [None] and elements != list(range(len(slots))):
             raise ValueError(f"{column}: indexed codes must cover the elements in order")
-    return _Plan(
+    return _Slots(
         slot_of={code: slot for slot, (code, _) in enumerate(items)},
         columns=tuple(f.column for _, f in items),
         elements=tuple(f.element for _, f in items),
@@ -256,7 +281,7 @@ def _make_plan(event_type: EventType) -> _Plan:
     )
 
 
-_PLANS: dict[str, _Plan] = {t.table: _make_plan(t) for t in EVENT_TYPES.values()}
+_SLOTS: dict[str, _Slots] = {t.table: _slots_of(t) for t in EVENT_TYPES.values()}
 
 
 class _Table:
@@ -269,7 +294,7 @@ class _Table:
 
     def __init__(self, event_type: EventType, count: int) -> None:
         self.event_type = event_type
-        self.plan = plan = _PLANS[event_type.table]
+        self.slots = plan = _SLOTS[event_type.table]
         self.cells: list[list[Any]] = [[fill] * count for fill in plan.fills]
         self.positions: list[int] = []  # batch position of each row's event
         self.timestamps: list[int] = []
@@ -420,27 +445,36 @@ def _convert_fast(values: list[Any], dtype: np.dtype, kind: str) -> np.ndarray |
 
 
 def build_table_rows(events: Sequence[Any], *, context: Context = "") -> BatchRows:
-    """Turn one station's events into per-table rows and the blobs they point to.
+    """One station's raw events into rows: :func:`check_events`, then :func:`build_rows`.
+
+    For callers holding plain events (tests, tools); the writer checks headers once, in
+    :func:`split_by_day`, and builds with :func:`build_rows`.
+    """
+    checked, header_skips = check_events(events, context=context)
+    rows = build_rows(checked, context=_renumbered(context, events, checked))
+    rows.skipped.merge(header_skips)
+    return rows
+
+
+def _renumbered(context: Context, events: Sequence[Any], checked: Sequence[CheckedEvent]
+                ) -> Context:
+    """``context`` for positions in ``checked`` (log lines name the event's own position)."""
+    if not callable(context) or len(checked) == len(events):
+        return context
+    index = {id(event): position for position, event in enumerate(events)}
+    return lambda position: context(index[id(checked[position].event)])
+
+
+def build_rows(events: Sequence[CheckedEvent], *, context: Context = "") -> BatchRows:
+    """Turn one station's checked events into per-table rows and the blobs they point to.
 
     ``context`` (the bucket key, or a function naming an event's origin from its
-    position) goes into log lines.  Events are expected to have passed
-    :func:`split_by_day`; the checks are repeated so a bad event is skipped here too
-    rather than breaking the batch.
+    position in ``events``) goes into log lines.  A value that does not fit its column
+    skips only its event (see the module docstring).
     """
     skips = _SkipLog(context)
-
-    accepted: list[tuple[int, EventType, int]] = []
-    per_table: Counter[str] = Counter()
-    for position, event in enumerate(events):
-        checked = _header_problem(event)
-        if isinstance(checked[0], str):
-            skips.skip(checked[0], position, str(checked[1]))
-            continue
-        event_type, moment = checked
-        assert isinstance(event_type, EventType) and isinstance(moment, datetime)
-        accepted.append((position, event_type, (moment - _EPOCH) // _ONE_SECOND))
-        per_table[event_type.table] += 1
-
+    per_table: Counter[str] = Counter(item.event_type.table for item in events)
+    accepted = events
     tables = {
         name: _Table(TABLES[name], count) for name, count in per_table.items()
     }
@@ -450,15 +484,14 @@ def build_table_rows(events: Sequence[Any], *, context: Context = "") -> BatchRo
     bad_events: set[int] = set()
     unknown_codes: set[tuple[str, Any]] = set()
 
-    for position, event_type, timestamp in accepted:
+    for position, (event_type, timestamp, event) in enumerate(accepted):
         table = tables[event_type.table]
         row = len(table.positions)
         table.positions.append(position)
         table.timestamps.append(timestamp)
-        event = events[position]
         if event_type.extended_time:
             table.nanoseconds.append(event["header"].get("nanoseconds"))
-        plan = table.plan
+        plan = table.slots
         slot_of = plan.slot_of
         first_blob = plan.first_blob
         base64 = plan.base64
@@ -501,7 +534,7 @@ def build_table_rows(events: Sequence[Any], *, context: Context = "") -> BatchRo
         position = blob_owner[index]
         if position not in bad_events:
             bad_events.add(position)
-            code = events[position]["header"]["eventtype_uploadcode"]
+            code = events[position].event_type.upload_code
             skips.skip(BAD_VALUE, position, f"{code}: {problem}")
 
     built = {name: _assemble(table, bad_events, skips) for name, table in tables.items()}
@@ -544,7 +577,7 @@ def _assemble(
     table: _Table, bad_events: set[int], skips: _SkipLog
 ) -> tuple[np.ndarray, dict[str, np.ndarray], np.ndarray]:
     """Convert one table's gathered cells column-wise and drop the rows that failed."""
-    event_type, plan = table.event_type, table.plan
+    event_type, plan = table.event_type, table.slots
     count = len(table.positions)
     assert count
     array = np.empty(count, dtype=event_type.dtype)
@@ -624,3 +657,81 @@ __all__ = [
     "convert_values",
     "split_by_day",
 ]
+
+
+# -- one station's rows for one append ----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BatchPart:
+    """The checked events of one bucket object that fall on one UTC day."""
+
+    key: str
+    etag: str
+    station: int
+    cluster: str
+    events: Sequence[CheckedEvent]
+
+
+@dataclass(frozen=True)
+class StationBatch:
+    """One station's share of an append: the rows of all its parts, built in one call.
+
+    A sweep of thousands of one-event objects then costs one conversion per column, not
+    thousands; ``starts`` maps rows and blobs back to their parts (the ledger's ranges).
+    """
+
+    cluster: str
+    station: int
+    parts: Sequence[BatchPart]
+    starts: Sequence[int]  # each part's first event in the concatenated events
+    rows: BatchRows
+
+    def owners(self, positions: np.ndarray) -> list[tuple[int, int]]:
+        """(index into ``parts``, count) for each part owning some of ``positions``."""
+        owners = np.searchsorted(np.asarray(self.starts), positions, side="right") - 1
+        counts = np.bincount(owners, minlength=len(self.parts))
+        return [(index, int(n)) for index, n in enumerate(counts.tolist()) if n]
+
+
+class RowsError(Exception):
+    """Building rows failed unexpectedly: some part's events trip a bug (its batch's
+    fault, not the day file's); ``__cause__`` holds the original exception."""
+
+
+def gather(parts: Sequence[BatchPart]) -> list[StationBatch]:
+    """Group parts by station, in order, and build each station's rows once.
+
+    A station is its cluster's node name and its number (the day file's group path), so
+    parts that spell the cluster differently but name the same group go together.  A
+    value that does not fit skips its event (logged); anything unexpected raises
+    :class:`RowsError`.
+    """
+    grouped: dict[tuple[str, int], list[BatchPart]] = {}
+    for part in parts:
+        grouped.setdefault((cluster_node(part.cluster), part.station), []).append(part)
+    batches = []
+    for members in grouped.values():
+        starts: list[int] = []
+        events: list[CheckedEvent] = []
+        for part in members:
+            starts.append(len(events))
+            events.extend(part.events)
+        try:
+            rows = build_rows(events, context=_origin(members, starts))
+        except Exception as exc:
+            raise RowsError(f"station {members[0].station}: {type(exc).__name__}: {exc}"
+                            ) from exc
+        batches.append(StationBatch(members[0].cluster, members[0].station, members, starts,
+                                    rows))
+    return batches
+
+
+def _origin(parts: Sequence[BatchPart], starts: Sequence[int]) -> Callable[[int], str]:
+    """Which object (and which of its events) a position came from, for log lines."""
+
+    def origin(position: int) -> str:
+        index = bisect.bisect_right(starts, position) - 1
+        return f"#{position - starts[index]} of {parts[index].key}"
+
+    return origin

@@ -51,17 +51,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hisparc_datastore.config import load_settings
+from hisparc_datastore.format.keys import LEGACY_IMPORT, incoming_key, suspicious_key
 from hisparc_datastore.format.payload import PayloadError, decode_batch, decode_pickle
 from hisparc_datastore.logs import setup_logging
 from hisparc_datastore.ops.replay import Progress
 from hisparc_datastore.stations import Station
-from hisparc_datastore.storage.bucket import (
-    LEGACY_IMPORT,
-    Bucket,
-    BucketError,
-    incoming_key,
-    suspicious_key,
-)
+from hisparc_datastore.storage.bucket import Bucket, BucketError
 from hisparc_datastore.upload.protocol import metadata_for
 from hisparc_datastore.writer.pipeline import short_reason
 

@@ -29,8 +29,8 @@ between runs (h5py writes no timestamps, but the ledger records commit times), s
 "replaying twice gives identical files" is content equality in the same sense; replay's
 own order is deterministic, so two replays also agree row for row.
 
-The same code turns objects into rows as in the live writer: :func:`payload.decode_batch`,
-:func:`rows.split_by_day`, :func:`writer.object_origin` and :meth:`DayFile.append`, with
+The same code turns objects into rows as in the live writer:
+:func:`~hisparc_datastore.format.origin.plan_object` and :meth:`DayFile.write`, with
 the object's ``incoming/`` key as the ledger key, so a batch archived twice (a station
 that resent it on another day) is written once, as live.
 
@@ -55,21 +55,16 @@ from typing import Any
 import numpy as np
 
 from hisparc_datastore.config import Settings, load_settings
-from hisparc_datastore.format.payload import PayloadError, decode_batch
-from hisparc_datastore.format.rows import split_by_day
+from hisparc_datastore.format.keys import ARCHIVE, INCOMING
+from hisparc_datastore.format.origin import ClusterLookup, NoCluster, plan_object, received_time
+from hisparc_datastore.format.payload import PayloadError
+from hisparc_datastore.format.rows import BatchPart
 from hisparc_datastore.format.schema import BLOBS_NODE, ROOT_GROUP, TABLES
 from hisparc_datastore.logs import setup_logging
-from hisparc_datastore.stations import StationList
-from hisparc_datastore.storage.bucket import (
-    ARCHIVE,
-    INCOMING,
-    Bucket,
-    BucketError,
-    ObjectInfo,
-    StoredObject,
-)
-from hisparc_datastore.storage.daystore import BatchPart, DayFile, day_file_path
-from hisparc_datastore.writer.pipeline import NoCluster, object_origin, received_time, short_reason
+from hisparc_datastore.stations import cluster_lookup
+from hisparc_datastore.storage.bucket import Bucket, BucketError, ObjectInfo, StoredObject
+from hisparc_datastore.storage.dayfile import DayFile, day_file_path
+from hisparc_datastore.writer.pipeline import S3_THREADS, short_reason
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +73,6 @@ DEFAULT_LATE_DAYS = 7
 GROUP_OBJECTS = 500
 GROUP_BYTES = 8 * 1024 * 1024
 #: Concurrent S3 requests (HEAD for the order, GET for the bodies).
-S3_THREADS = 8
 
 
 # ----------------------------------------------------------------------------- keys
@@ -219,7 +213,7 @@ class _Appender:
         for day in sorted(self.pending):
             path = day_file_path(self.out, day)
             with DayFile(path) as day_file:
-                appended = day_file.append(self.pending[day])
+                appended = day_file.write(self.pending[day])
             self.report.rows += sum(appended.rows.values())
             self.report.skipped_events += appended.skipped_events.total
             self.report.duplicates += len(appended.skipped_duplicates)
@@ -229,38 +223,20 @@ class _Appender:
         self.objects = self.size = 0
 
 
-def _cluster_lookup(settings: Settings) -> Callable[[int], str | None]:
-    stations: list[StationList] = []
-
-    def cluster_of(number: int) -> str | None:
-        if not stations:
-            stations.append(StationList(settings.station_list))
-        station = stations[0].get(number)
-        return station.cluster if station else None
-
-    return cluster_of
-
-
 def decode_object(
     stored: StoredObject,
     days: set[dt.date],
     minimum_year: int,
-    cluster_of: Callable[[int], str | None],
+    cluster_of: ClusterLookup,
 ) -> _Decoded:
-    """The live writer's object -> BatchPart path, keeping only events of ``days``.
+    """The live writer's plan of an object (:func:`plan_object`), keeping ``days`` only.
 
+    The ledger key is the object's ``incoming/`` key, as the live writer recorded it.
     Raises PayloadError or NoCluster for an object that cannot be written.
     """
-    key = ledger_key(stored.key)
-    events = decode_batch(stored.body)
-    by_day, _ = split_by_day(events, minimum_year, context=stored.key)
-    station, cluster = object_origin(key, stored.metadata, cluster_of)
-    parts = {
-        day: BatchPart(key=key, etag=stored.etag, station=station, cluster=cluster,
-                       events=day_events)
-        for day, day_events in by_day.items()
-        if day in days
-    }
+    plan = plan_object(ledger_key(stored.key), stored.body, stored.metadata, stored.etag,
+                       minimum_year=minimum_year, cluster_of=cluster_of, context=stored.key)
+    parts = {day: part for day, part in plan.parts.items() if day in days}
     return _Decoded(parts, len(stored.body), sum(len(p.events) for p in parts.values()))
 
 
@@ -315,7 +291,7 @@ def replay(
     total, total_bytes = _count(bucket, prefixes) if progress else (None, None)
     bar = Progress(total, total_bytes, progress, "replay")
     appender = _Appender(Path(out), report)
-    cluster_of = _cluster_lookup(settings)
+    cluster_of = cluster_lookup(settings.station_list)
     try:
         with ThreadPoolExecutor(S3_THREADS, thread_name_prefix="replay-s3") as pool:
             for keys in _ordered_groups(bucket, prefixes, pool):

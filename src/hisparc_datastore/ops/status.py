@@ -28,16 +28,10 @@ from hisparc_datastore.config import (
     load_settings,
     stack_environment,
 )
+from hisparc_datastore.format.keys import DEFERRED, LEGACY_IMPORT, PREFIXES, RETRYING
 from hisparc_datastore.format.schema import ROOT_GROUP, TABLE_NAMES
-from hisparc_datastore.storage.bucket import (
-    DEFERRED,
-    LEGACY_IMPORT,
-    PREFIXES,
-    RETRYING,
-    Bucket,
-    BucketError,
-)
-from hisparc_datastore.storage.daystore import day_file_path, held_open
+from hisparc_datastore.storage.bucket import Bucket, BucketError
+from hisparc_datastore.storage.dayfile import day_file_path, held_open
 from hisparc_datastore.writer.retries import Backoff, RetryBook, RetryRecord
 
 DAY_FILE_NAME = re.compile(r"^(\d{4})_(\d{1,2})_(\d{1,2})\.h5$")

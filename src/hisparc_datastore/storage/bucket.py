@@ -18,18 +18,8 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 from hisparc_datastore.config import Settings
+from hisparc_datastore.format.keys import valid_key
 
-INCOMING = "incoming/"
-SUSPICIOUS = "suspicious/"
-FAILED = "failed/"
-ARCHIVE = "archive/"
-PREFIXES = (INCOMING, SUSPICIOUS, FAILED, ARCHIVE)
-#: Operators' prefixes: objects of an interrupted ``datastore failed retry`` (failed.py),
-#: markers of ``datastore import-legacy`` (legacy.py).  No notification watches them.
-RETRYING = "retrying/"
-LEGACY_IMPORT = "legacy-import/"
-#: The writer's retry records: why objects wait in incoming/ (retries.py).  Not watched.
-DEFERRED = "deferred/"
 PICKLE_CONTENT_TYPE = "application/x-python-pickle"
 
 
@@ -55,15 +45,6 @@ class ObjectRefused(BucketError):
 RETRYABLE_4XX = frozenset({404, 408, 429})
 
 
-def valid_key(key: str) -> bool:
-    """Whether ``key`` can be sent at all: UTF-8 (no lone surrogates), 1..1024 bytes."""
-    try:
-        size = len(key.encode("utf-8"))
-    except UnicodeEncodeError:
-        return False
-    return 0 < size <= 1024
-
-
 @dataclass(frozen=True)
 class StoredObject:
     key: str
@@ -79,25 +60,6 @@ class ObjectInfo:
     etag: str
     size: int
     last_modified: dt.datetime
-
-
-def incoming_key(station: int, md5: str) -> str:
-    """Where a verified batch lands; a resent batch maps to the same key."""
-    return f"{INCOMING}{station}/{md5}.pickle"
-
-
-def suspicious_key(station: int, md5: str) -> str:
-    return f"{SUSPICIOUS}{station}/{md5}.pickle"
-
-
-def failed_key(incoming: str) -> str:
-    return FAILED + incoming.removeprefix(INCOMING)
-
-
-def archive_key(incoming: str, received: dt.datetime) -> str:
-    """``archive/<YYYY>/<MM>/<DD>/<station>/<md5>.pickle`` by the upload's UTC date."""
-    day = received.astimezone(dt.UTC) if received.tzinfo else received
-    return f"{ARCHIVE}{day:%Y/%m/%d}/" + incoming.removeprefix(INCOMING)
 
 
 def _client_errors() -> tuple[type[BaseException], ...]:

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from xml.sax.saxutils import escape
 
 from hisparc_datastore.config import Settings
+from hisparc_datastore.format.keys import valid_key
 from hisparc_datastore.storage.bucket import (
     PICKLE_CONTENT_TYPE,
     RETRYABLE_4XX,
@@ -40,7 +41,6 @@ from hisparc_datastore.storage.bucket import (
     ObjectMissing,
     ObjectRefused,
     StoredObject,
-    valid_key,
 )
 
 UNSIGNED = "UNSIGNED-PAYLOAD"

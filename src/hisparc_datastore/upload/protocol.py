@@ -43,9 +43,10 @@ from typing import Protocol
 import numpy as np
 
 from hisparc_datastore.config import Settings
+from hisparc_datastore.format.keys import incoming_key, suspicious_key
 from hisparc_datastore.format.payload import PayloadError, decode_batch, is_suspicious
 from hisparc_datastore.stations import Station
-from hisparc_datastore.storage.bucket import BucketError, incoming_key, suspicious_key
+from hisparc_datastore.storage.bucket import BucketError
 
 # Answer codes (spec section 1).  Only the body matters to stations; 100 is success.
 STORED = "100"

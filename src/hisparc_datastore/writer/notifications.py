@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import unquote_plus
 
-from hisparc_datastore.storage.bucket import INCOMING, valid_key
+from hisparc_datastore.format.keys import INCOMING, valid_key
 
 #: CloudEvent type of a sweep request (e.g. from a scheduler).
 SWEEP_TYPE = "org.hisparc.datastore.sweep"

@@ -36,8 +36,8 @@ Outcomes per object (one of), and what the HTTP layer answers for them:
 Only *failed* makes a notification's answer 5xx: one bad object or one bad day file never
 stalls the notification queue behind it (MinIO delivers in order and retries the head for
 ever).  To tell a broken day file from a broken volume, a failed append is followed by
-:func:`~.daystore.probe_volume`; to tell a refused key from a refusing bucket, by a HEAD
-that must answer.
+:func:`~hisparc_datastore.storage.dayfile.probe_volume`; to tell a refused key from a
+refusing bucket, by a HEAD that must answer.
 
 Station and cluster come from the object's metadata (the upload function sets both; the
 cluster percent-encoded).  When they are missing, the station number comes from the key
@@ -56,7 +56,6 @@ import logging
 import os
 import threading
 import time
-import urllib.parse
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -64,26 +63,30 @@ from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 from hisparc_datastore.config import Settings
-from hisparc_datastore.format.payload import PayloadError, decode_batch
-from hisparc_datastore.format.rows import SkipReport, split_by_day
-from hisparc_datastore.stations import StationList
+from hisparc_datastore.format.keys import INCOMING, archive_key, failed_key
+from hisparc_datastore.format.origin import (
+    BadOrigin,
+    ClusterLookup,
+    NoCluster,
+    ObjectPlan,
+    plan_object,
+    received_time,
+)
+from hisparc_datastore.format.payload import PayloadError
+from hisparc_datastore.format.rows import RowsError, SkipReport
+from hisparc_datastore.stations import cluster_lookup
 from hisparc_datastore.storage.bucket import (
-    INCOMING,
     Bucket,
     BucketError,
     ObjectInfo,
     ObjectMissing,
     ObjectRefused,
     StoredObject,
-    archive_key,
-    failed_key,
 )
-from hisparc_datastore.storage.daystore import (
+from hisparc_datastore.storage.dayfile import (
     AppendReport,
-    BatchPart,
     DayFile,
     DayFileBusy,
-    RowsError,
     day_file_path,
     is_volume_failure,
     probe_volume,
@@ -235,71 +238,6 @@ def _never() -> bool:
 
 
 
-class NoCluster(Exception):
-    """Neither the metadata nor the station list names the station's cluster."""
-
-
-class BadOrigin(NoCluster):
-    """The metadata contradicts the key or names a cluster that cannot be a group name.
-
-    Only a writer of ``incoming/`` other than the upload can cause this (the upload takes
-    both from the key it writes and the station list): the object is quarantined, not
-    retried (docs/SECURITY.md, R10).
-    """
-
-
-def station_from_key(key: str) -> int | None:
-    """``incoming/<station>/<md5>.pickle`` -> station number (None if not that shape)."""
-    parts = key.removeprefix(INCOMING).split("/")
-    if len(parts) == 2 and parts[0].isdigit():
-        return int(parts[0])
-    return None
-
-
-def object_origin(
-    key: str, metadata: dict[str, str], cluster_of: Callable[[int], str | None]
-) -> tuple[int, str]:
-    """(station, cluster) of an object: metadata first, then key and station list.
-
-    The cluster becomes an HDF5 group name (``cluster_<name>``), so a ``/`` (a path
-    separator there) or a control character is refused, as is a metadata station that
-    differs from the key's.
-    """
-    station_text = metadata.get("station", "").strip()
-    in_key = station_from_key(key)
-    station = int(station_text) if station_text.isdigit() else in_key
-    if station is None:
-        raise NoCluster(f"no station number in the metadata or the key of {key}")
-    if in_key is not None and station != in_key:
-        raise BadOrigin(f"metadata station {station} differs from the key's {in_key}")
-    cluster = urllib.parse.unquote(metadata.get("cluster", "")).strip()
-    if any(c == "/" or ord(c) < 0x20 or ord(c) == 0x7F for c in cluster):
-        raise BadOrigin(f"cluster {cluster!r} cannot name an HDF5 group")
-    if not cluster:
-        cluster = cluster_of(station) or ""
-    if not cluster:
-        raise NoCluster(
-            f"station {station}: no cluster in the object metadata and none in the station list"
-        )
-    return station, cluster
-
-
-def received_time(metadata: dict[str, str], last_modified: dt.datetime) -> dt.datetime:
-    """The upload's receive time (metadata ``received``), else the object's LastModified."""
-    text = metadata.get("received", "").strip()
-    if text:
-        try:
-            when = dt.datetime.fromisoformat(text)
-        except ValueError:
-            try:
-                when = dt.datetime.fromtimestamp(float(text), dt.UTC)
-            except (ValueError, OverflowError, OSError):
-                when = None
-        if when is not None:
-            return when if when.tzinfo else when.replace(tzinfo=dt.UTC)
-    return last_modified
-
-
 def short_reason(exc: BaseException | str) -> str:
     """An ASCII, single-line, bounded reason: S3 metadata travels in HTTP headers."""
     text = exc if isinstance(exc, str) else f"{type(exc).__name__}: {exc}"
@@ -377,26 +315,6 @@ def with_retry(action: Callable[[], T], what: str, retry: RetryPolicy,
                         what, attempt, short_reason(exc), delay)
             time.sleep(delay)
     raise AssertionError("unreachable")
-
-
-_station_lists: dict[Path, StationList] = {}
-_station_lock = threading.Lock()
-
-
-def _cluster_lookup(settings: Settings) -> Callable[[int], str | None]:
-    """The station list as a cluster lookup, opened only when metadata is missing."""
-
-    def cluster_of(number: int) -> str | None:
-        with _station_lock:
-            stations = _station_lists.get(settings.station_list)
-            if stations is None:
-                stations = _station_lists[settings.station_list] = StationList(
-                    settings.station_list
-                )
-        station = stations.get(number)
-        return station.cluster if station else None
-
-    return cluster_of
 
 
 class ObjectStore:
@@ -512,18 +430,16 @@ class _Archiving:
     """A chunk whose rows are written and whose archive copies are on their way."""
 
     result: WriteResult
-    plans: list[_Plan]
-    outcomes: _Pending[Exception | None]  # per plan: None (archived) or why not
+    objects: list[_InFlight]
+    outcomes: _Pending[Exception | None]  # per object: None (archived) or why not
 
 
 @dataclass
-class _Plan:
-    """One fetched, decoded object waiting for its day files."""
+class _InFlight:
+    """One fetched, decoded object on its way to its day files."""
 
     stored: StoredObject
-    station: int
-    cluster: str
-    days: dict[dt.date, list[dict[str, Any]]]
+    plan: ObjectPlan
     pending_days: set[dt.date] = field(default_factory=set)
     copy_archive: bool = False  # archive by server-side copy (the body was dropped)
     error: str | None = None  # an outage on one of its days: answer 5xx
@@ -567,7 +483,7 @@ class _Run:
         self.retry = options.retry
         self.pool = pool
         self.book = book
-        self.cluster_of = _cluster_lookup(settings)
+        self.cluster_of: ClusterLookup = cluster_lookup(settings.station_list)
         self.deletes: list[Future[None]] = []  # background DeleteObjects of archived chunks
         self.bucket_trouble = False  # a bucket error survived its retries in this run
         self.volume_trouble = False  # the data volume cannot take writes
@@ -663,23 +579,23 @@ class _Run:
         the sweep can write the next chunk meanwhile.
         """
         result = WriteResult()
-        plans = self._decode(keys, fetched, result)
-        self._write(plans, result)
-        done: list[_Plan] = []
-        for plan in plans:
-            key = plan.stored.key
-            if plan.poison is not None:
-                self._quarantine(plan.stored, plan.poison, result)
-            elif plan.error is not None:
-                result.failed[key] = plan.error
-            elif plan.give_up is not None:
-                self._quarantine(plan.stored, plan.give_up, result)
-            elif plan.waiting is not None:
-                result.deferred[key] = plan.waiting
-            elif plan.pending_days:
+        objects = self._decode(keys, fetched, result)
+        self._write(objects, result)
+        done: list[_InFlight] = []
+        for item in objects:
+            key = item.stored.key
+            if item.poison is not None:
+                self._quarantine(item.stored, item.poison, result)
+            elif item.error is not None:
+                result.failed[key] = item.error
+            elif item.give_up is not None:
+                self._quarantine(item.stored, item.give_up, result)
+            elif item.waiting is not None:
+                result.deferred[key] = item.waiting
+            elif item.pending_days:
                 result.failed[key] = "not every day file was written"
             else:
-                done.append(plan)
+                done.append(item)
         return _Archiving(result, done, self.spawn(self._copy_to_archive, done))
 
     def finish(self, archiving: _Archiving) -> WriteResult:
@@ -688,13 +604,13 @@ class _Run:
         outcomes = archiving.outcomes.results()
         self.options.progress()
         archived: list[str] = []
-        for plan, error in zip(archiving.plans, outcomes, strict=True):
-            key = plan.stored.key
+        for item, error in zip(archiving.objects, outcomes, strict=True):
+            key = item.stored.key
             if error is None:
                 archived.append(key)
                 self.book.cleared("object", key)
             elif isinstance(error, ObjectRefused) and self.bucket_answers():
-                self._object_trouble(plan.stored, f"cannot archive: {short_reason(error)}",
+                self._object_trouble(item.stored, f"cannot archive: {short_reason(error)}",
                                      result)
             else:
                 self.bucket_trouble = True
@@ -714,8 +630,9 @@ class _Run:
 
     def _decode(
         self, keys: Sequence[str], fetched: list[Any], result: WriteResult
-    ) -> list[_Plan]:
-        """Decode and split each fetched object; quarantine what cannot be read.
+    ) -> list[_InFlight]:
+        """Plan each fetched object (:func:`~hisparc_datastore.format.origin.plan_object`);
+        quarantine what cannot be read.
 
         Besides :class:`PayloadError`, any other exception from decoding or splitting is
         a quarantine too (logged with its traceback): one object that trips a bug must
@@ -723,7 +640,7 @@ class _Run:
         the writer's outage (the upload treats it so too), and a good batch must not need
         a ``datastore failed retry`` because the writer was short of memory once.
         """
-        plans: list[_Plan] = []
+        objects: list[_InFlight] = []
         for index, key in enumerate(keys):
             # Take each object out of the list, so a large body can be freed once it is
             # decoded (see ARCHIVE_PUT_BYTES) instead of living until the chunk is done.
@@ -740,8 +657,9 @@ class _Run:
                 continue
             stored: StoredObject = item
             try:
-                events = decode_batch(stored.body)
-                days, skipped = split_by_day(events, self.settings.minimum_year, context=key)
+                plan = plan_object(key, stored.body, stored.metadata, stored.etag,
+                                   minimum_year=self.settings.minimum_year,
+                                   cluster_of=self.cluster_of)
             except PayloadError as exc:
                 self._quarantine(stored, f"undecodable: {exc}", result)
                 continue
@@ -751,12 +669,6 @@ class _Run:
                 log.error("%s: out of memory while decoding; left in incoming/", key)
                 result.failed[key] = "out of memory while decoding"
                 continue
-            except Exception as exc:
-                log.exception("%s: decoding failed unexpectedly", key)
-                self._quarantine(stored, f"decoder error: {short_reason(exc)}", result)
-                continue
-            try:
-                station, cluster = object_origin(key, stored.metadata, self.cluster_of)
             except BadOrigin as exc:
                 self._quarantine(stored, f"bad metadata: {short_reason(str(exc))}", result)
                 continue
@@ -764,16 +676,19 @@ class _Run:
                 # A configuration gap (the station list not yet updated): wait for the fix.
                 self._object_trouble(stored, short_reason(str(exc)), result)
                 continue
-            if skipped.total:
-                result.skipped_events += skipped.total
-                log.info("%s: %d of %d events skipped (%s)", key, skipped.total, len(events),
-                         _counts(skipped))
+            except Exception as exc:
+                log.exception("%s: decoding failed unexpectedly", key)
+                self._quarantine(stored, f"decoder error: {short_reason(exc)}", result)
+                continue
+            if plan.skipped.total:
+                result.skipped_events += plan.skipped.total
+                log.info("%s: %d of %d events skipped (%s)", key, plan.skipped.total,
+                         plan.events, _counts(plan.skipped))
             copy_archive = len(stored.body) > ARCHIVE_PUT_BYTES
             if copy_archive:
                 stored = item = dataclasses.replace(stored, body=b"")
-            plans.append(_Plan(stored, station, cluster, days, set(days), copy_archive))
-            del events
-        return plans
+            objects.append(_InFlight(stored, plan, set(plan.parts), copy_archive))
+        return objects
 
     def _refused(self, key: str, exc: ObjectRefused, result: WriteResult) -> None:
         """The server refuses to GET ``key``: nothing is there, or it cannot be read."""
@@ -788,39 +703,31 @@ class _Run:
             stored = StoredObject(key, b"", "", {}, info.last_modified)
             self._object_trouble(stored, f"cannot be read: {short_reason(exc)}", result)
 
-    def _write(self, plans: list[_Plan], result: WriteResult) -> None:
-        by_day: dict[dt.date, list[_Plan]] = {}
-        for plan in plans:
-            for day in plan.days:
-                by_day.setdefault(day, []).append(plan)
+    def _write(self, objects: list[_InFlight], result: WriteResult) -> None:
+        by_day: dict[dt.date, list[_InFlight]] = {}
+        for item in objects:
+            for day in item.plan.parts:
+                by_day.setdefault(day, []).append(item)
         for day in sorted(by_day):
             self._write_day(day, by_day[day], result)
-        for plan in plans:
-            plan.days = {}  # the events are in the files (or will be retried): let them go
+        for item in objects:
+            item.plan.parts = {}  # the events are in the files (or will be retried)
 
-    def _part(self, plan: _Plan, day: dt.date) -> BatchPart:
-        return BatchPart(
-            key=plan.stored.key,
-            etag=plan.stored.etag,
-            station=plan.station,
-            cluster=plan.cluster,
-            events=plan.days[day],
-        )
-
-    def _append(self, day: dt.date, parts: list[BatchPart]) -> AppendReport:
+    def _append(self, day: dt.date, objects: list[_InFlight]) -> AppendReport:
         path = day_file_path(self.settings.data_dir, day)
+        parts = [item.plan.parts[day] for item in objects]
 
         def append() -> AppendReport:
             with DayFile(path, lock_timeout=self.options.lock_timeout) as day_file:
-                return day_file.append(parts)
+                return day_file.write(parts)
 
         # Only a failing volume is worth an immediate second try; a broken file is not.
         return with_retry(append, f"append {len(parts)} objects to {path}", self.retry,
                           worth_it=is_volume_failure)
 
-    def _write_day(self, day: dt.date, plans: list[_Plan], result: WriteResult) -> None:
-        live = [plan for plan in plans
-                if plan.error is None and plan.poison is None and plan.give_up is None]
+    def _write_day(self, day: dt.date, objects: list[_InFlight], result: WriteResult) -> None:
+        live = [item for item in objects
+                if item.error is None and item.poison is None and item.give_up is None]
         if not live:
             return
         if not self.volume_trouble and not self.settings.data_dir.is_dir():
@@ -829,22 +736,22 @@ class _Run:
                       self.settings.data_dir)
             self.volume_trouble = True
         if self.volume_trouble:
-            for plan in live:
-                plan.error = "the data volume cannot take writes"
+            for item in live:
+                item.error = "the data volume cannot take writes"
             return
         path = day_file_path(self.settings.data_dir, day)
         record = self.book.day(day)
         if record is not None and self.options.respect_schedule and not record.due():
-            for plan in live:  # its file failed recently: do not touch it before next_try
-                plan.wait(Deferral(f"day file {path.name}: {record.reason}",
+            for item in live:  # its file failed recently: do not touch it before next_try
+                item.wait(Deferral(f"day file {path.name}: {record.reason}",
                                    next_try=record.next_try))
             return
         try:
-            report = self._append(day, [self._part(plan, day) for plan in live])
+            report = self._append(day, live)
         except DayFileBusy as exc:
             log.info("day %s: %s; %d objects wait for it", day, exc, len(live))
-            for plan in live:
-                plan.wait(Deferral(short_reason(exc), busy=frozenset({day})))
+            for item in live:
+                item.wait(Deferral(short_reason(exc), busy=frozenset({day})))
             return
         except RowsError as exc:
             if len(live) == 1:
@@ -855,8 +762,8 @@ class _Run:
             # Something in one object's rows cannot be built: find it, keep the rest.
             log.warning("day %s: rows of %d objects cannot be built (%s); one by one",
                         day, len(live), short_reason(exc))
-            for plan in live:
-                self._write_day(day, [plan], result)
+            for item in live:
+                self._write_day(day, [item], result)
             return
         except Exception as exc:
             self._day_trouble(day, path, live, exc)
@@ -869,10 +776,10 @@ class _Run:
             result.skipped_events += report.skipped_events.total
             log.info("day %s: %d events skipped while building rows (%s)", day,
                      report.skipped_events.total, _counts(report.skipped_events))
-        for plan in live:
-            plan.pending_days.discard(day)
+        for item in live:
+            item.pending_days.discard(day)
 
-    def _day_trouble(self, day: dt.date, path: Path, live: list[_Plan],
+    def _day_trouble(self, day: dt.date, path: Path, live: list[_InFlight],
                      exc: BaseException) -> None:
         """An append failed: the volume's outage, or this day file's own problem."""
         reason = short_reason(exc)
@@ -881,27 +788,27 @@ class _Run:
             self.volume_trouble = True
             log.error("day %s: %s; %d objects stay in incoming/ (outage)", day, problem,
                       len(live))
-            for plan in live:
-                plan.error = short_reason(problem)
+            for item in live:
+                item.error = short_reason(problem)
             return
         log.error("day %s: the day file cannot be written: %s", day, reason)
         try:
             record = self.book.failed("day", day_name(day), f"{path.name}: {reason}")
         except BucketError as bucket_error:
             self.bucket_trouble = True
-            for plan in live:
-                plan.error = f"cannot record the retry: {short_reason(bucket_error)}"
+            for item in live:
+                item.error = f"cannot record the retry: {short_reason(bucket_error)}"
             return
         if record.exhausted(self.options.backoff):
-            for plan in live:
-                plan.give_up = short_reason(
+            for item in live:
+                item.give_up = short_reason(
                     f"day file unusable after {record.attempts} attempts: {record.reason}"
                 )
             return
         log.warning("day %s: %d objects wait, %s", day, len(live),
                     record.describe(self.options.backoff))
-        for plan in live:
-            plan.wait(Deferral(f"day file {record.reason}", next_try=record.next_try))
+        for item in live:
+            item.wait(Deferral(f"day file {record.reason}", next_try=record.next_try))
 
     def _object_trouble(self, stored: StoredObject, reason: str, result: WriteResult,
                         can_quarantine: bool = True) -> None:
@@ -925,12 +832,12 @@ class _Run:
         log.warning("%s: waits in incoming/, %s", key, record.describe(self.options.backoff))
         result.deferred[key] = Deferral(reason, next_try=record.next_try)
 
-    def _copy_to_archive(self, plan: _Plan) -> Exception | None:
+    def _copy_to_archive(self, item: _InFlight) -> Exception | None:
         """Put the archive copy (the bytes we hold, verified by Content-MD5)."""
-        stored = plan.stored
+        stored = item.stored
         target = archive_key(stored.key, received_time(stored.metadata, stored.last_modified))
         try:
-            if plan.copy_archive:
+            if item.copy_archive:
                 with_retry(lambda: self.store.copy(stored.key, target),
                            f"archive {stored.key}", self.retry)
             else:

@@ -34,13 +34,8 @@ from dataclasses import asdict, dataclass, replace
 from typing import Literal, Protocol
 
 from hisparc_datastore.config import Settings
-from hisparc_datastore.storage.bucket import (
-    DEFERRED,
-    BucketError,
-    ObjectInfo,
-    ObjectMissing,
-    StoredObject,
-)
+from hisparc_datastore.format.keys import DEFERRED
+from hisparc_datastore.storage.bucket import BucketError, ObjectInfo, ObjectMissing, StoredObject
 
 log = logging.getLogger(__name__)
 

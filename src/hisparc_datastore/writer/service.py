@@ -31,7 +31,7 @@ from pathlib import Path
 
 from hisparc_datastore.config import Settings
 from hisparc_datastore.storage.bucket import Bucket
-from hisparc_datastore.storage.daystore import day_file_path, held_open
+from hisparc_datastore.storage.dayfile import day_file_path, held_open
 from hisparc_datastore.writer.pipeline import (
     Deferral,
     WriteResult,

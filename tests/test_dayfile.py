@@ -29,17 +29,18 @@ import pytest
 import tables
 from hisparc_datastore_dev import samples
 
-from hisparc_datastore.format.rows import build_table_rows
+from hisparc_datastore.format.rows import BatchPart, build_rows, build_table_rows, check_events
 from hisparc_datastore.format.schema import EVENT_TYPES, TABLES
-from hisparc_datastore.storage import daystore
-from hisparc_datastore.storage.daystore import (
+from hisparc_datastore.storage import dayfile
+from hisparc_datastore.storage.dayfile import (
     AppendReport,
-    BatchPart,
     DayFile,
     DayFileError,
     DayFileLocked,
     day_file_path,
+    ledger,
 )
+from hisparc_datastore.storage.dayfile import dayfile as dayfile_module
 
 DAY = date(2024, 5, 1)
 START = datetime(2024, 5, 1, 10, 0, 0)
@@ -48,7 +49,8 @@ ALL_TYPES = sorted(EVENT_TYPES)
 
 def part(key: str, events: list[dict], station: int = 501, cluster: str = "Amsterdam",
          etag: str = '"0123456789abcdef"') -> BatchPart:
-    return BatchPart(key=key, etag=etag, station=station, cluster=cluster, events=events)
+    checked, _ = check_events(events)
+    return BatchPart(key=key, etag=etag, station=station, cluster=cluster, events=checked)
 
 
 def make_events(n: int, seed: Any, kinds: list[str] | None = None,
@@ -77,7 +79,7 @@ def pytables(path: Path) -> Iterator[tables.File]:
 
 def append(path: Path, parts: list[BatchPart]) -> AppendReport:
     with DayFile(path) as day_file:
-        return day_file.append(parts)
+        return day_file.write(parts)
 
 
 def station(handle: tables.File, cluster: str = "amsterdam", number: int = 501) -> Any:
@@ -96,7 +98,7 @@ def expected_rows(parts: list[BatchPart], table: str) -> tuple[np.ndarray, list[
     """What one station's table and blobs should hold after appending ``parts`` in order."""
     rows_list, blobs = [], []
     for p in parts:
-        built = build_table_rows(p.events)
+        built = build_rows(p.events)
         if table in built:
             rows_list.append(built[table].rows_with_blob_offset(len(blobs)))
         blobs.extend(built.blobs)
@@ -299,8 +301,8 @@ def test_event_ids_and_blob_indices_continue_across_appends_and_reopens(path: Pa
     parts = [part(f"k{i}", make_events(3, i, ["CIC", "ERR", "SIN"])) for i in range(4)]
     append(path, parts[:1])
     with DayFile(path) as day_file:
-        day_file.append(parts[1:2])
-        day_file.append(parts[2:3])
+        day_file.write(parts[1:2])
+        day_file.write(parts[2:3])
     append(path, parts[3:])
     for table in ("events", "errors", "singles"):
         expected, expected_blobs = expected_rows(parts, table)
@@ -333,7 +335,7 @@ def test_thousands_of_one_event_objects_in_one_append(path: Path) -> None:
                 assert node._f_get_child(table).read().tobytes() == expected.tobytes()
             assert node.blobs.read() == expected_blobs
         keys = handle.root._datastore.keys.read()
-        assert len(keys) == 2000 and set(keys["state"].tolist()) == {daystore.COMMITTED}
+        assert len(keys) == 2000 and set(keys["state"].tolist()) == {ledger.COMMITTED}
         assert keys["key"].tolist() == [p.key.encode() for p in parts]
         ranges = handle.root._datastore.ranges.read()
         by_key = {}
@@ -373,7 +375,7 @@ def test_committed_keys_are_skipped(path: Path) -> None:
     with DayFile(path) as day_file:
         assert day_file.ingested(first.key)
         assert not day_file.ingested("incoming/501/other.pickle")
-        again = day_file.append([first, part("incoming/501/y.pickle", make_events(2, 2)),
+        again = day_file.write([first, part("incoming/501/y.pickle", make_events(2, 2)),
                                  part("incoming/501/y.pickle", make_events(2, 2))])
     assert again.written == ["incoming/501/y.pickle"]
     assert again.skipped_duplicates == [first.key, "incoming/501/y.pickle"]
@@ -421,8 +423,7 @@ def test_unfinished_append_is_rolled_back_on_open(path: Path, stage: str) -> Non
         part("k1", make_events(3, 1, ["CIC", "CFG"])),  # new rows in an existing table
         part("k2", make_events(2, 2, ["WTR"]), station=7001, cluster="Leiden"),  # new groups
     ]
-    with DayFile(path) as day_file:
-        day_file._append_without_commit(crashed, stage=stage)  # type: ignore[arg-type]
+    write_then_die(path, crashed, stage)
     # The half-done state must still be a file PyTables opens without complaint.
     with pytables(path) as handle:
         assert handle.root._datastore.intent.nrows > 0
@@ -449,15 +450,14 @@ def test_unfinished_append_is_rolled_back_on_open(path: Path, stage: str) -> Non
 
 def test_a_commit_cut_short_after_emptying_the_intent_counts_as_committed(path: Path) -> None:
     append(path, [part("k0", make_events(2, 0))])
-    with DayFile(path) as day_file:
-        day_file._append_without_commit([part("k1", make_events(3, 1))], stage="data")
+    write_then_die(path, [part("k1", make_events(3, 1))], "data")
     with h5py.File(path, "r+") as h5file:  # the intent's truncation reached disk, state did not
         intent = h5file["_datastore/intent"]
         intent.resize((0,))
         intent.attrs["NROWS"] = np.int64(0)
     with DayFile(path) as day_file:
         assert day_file.ingested("k1")
-        assert day_file.append([part("k1", make_events(3, 1))]).skipped_duplicates == ["k1"]
+        assert day_file.write([part("k1", make_events(3, 1))]).skipped_duplicates == ["k1"]
     with pytables(path) as handle:
         assert handle.root._datastore.keys.col("state").tolist() == [1, 1]
         assert station(handle).events.read()["event_id"].tolist() == [1, 2, 3, 4, 5]
@@ -467,7 +467,7 @@ def test_failed_append_rolls_back_at_once(path: Path, monkeypatch: pytest.Monkey
     append(path, [part("k0", make_events(2, 0))])
     snapshot = _snapshot(path)
 
-    real = daystore._append_rows
+    real = dayfile_module.append_rows
 
     def broken(dataset: Any, rows: Any) -> int:
         if dataset.name.endswith("/events"):  # blobs and other tables are written by now
@@ -477,25 +477,48 @@ def test_failed_append_rolls_back_at_once(path: Path, monkeypatch: pytest.Monkey
     new_parts = [part("k1", make_events(2, 1, ["ERR", "CIC"])),
                  part("k2", make_events(1, 2, ["SIN"]), station=502)]
     with DayFile(path) as day_file:
-        monkeypatch.setattr(daystore, "_append_rows", broken)
+        monkeypatch.setattr(dayfile_module, "append_rows", broken)
         with pytest.raises(OSError, match="disk full"):
-            day_file.append(new_parts)
+            day_file.write(new_parts)
         monkeypatch.undo()
         assert not day_file.ingested("k1")
     assert _snapshot(path) == snapshot
     assert_nrows_consistent(path)
     with DayFile(path) as day_file:
-        assert day_file.append(new_parts).written == ["k1", "k2"]
+        assert day_file.write(new_parts).written == ["k1", "k2"]
     with pytables(path) as handle:
         assert station(handle).events.nrows == 3
         assert station(handle).errors.nrows == 1
         assert station(handle, number=502).singles.nrows == 1
 
 
-def _crash_in_child(path: str, key: str, stage: str) -> None:
+#: An append dies after its step ``stage``: the step that would come next kills it.
+NEXT_STEP = {"intent": "_create_nodes", "created": "_write_data", "data": "_commit"}
+
+
+def _write_then_die(path: str, parts: list[BatchPart], stage: str) -> None:
+    """In a forked child: flush what the append has done by ``stage``, then die holding
+    the file open (no close, no unlock, no rollback), as a SIGKILL there would."""
+
+    def die(self: DayFile, *args: Any) -> None:
+        self.file.flush()
+        os._exit(0)
+
+    setattr(DayFile, NEXT_STEP[stage], die)
     with DayFile(Path(path)) as day_file:
-        day_file._append_without_commit([part(key, make_events(3, key))], stage=stage)
-        os._exit(0)  # die holding the file open: no close, no unlock, no commit
+        day_file.write(parts)
+
+
+def write_then_die(path: Path, parts: list[BatchPart], stage: str) -> None:
+    context = multiprocessing.get_context("fork")
+    child = context.Process(target=_write_then_die, args=(str(path), parts, stage))
+    child.start()
+    child.join(60)
+    assert child.exitcode == 0
+
+
+def _crash_in_child(path: str, key: str, stage: str) -> None:
+    _write_then_die(path, [part(key, make_events(3, key))], stage)
 
 
 @pytest.mark.parametrize("stage", ["created", "data"])
@@ -528,7 +551,7 @@ def _forge_killed_blob_append(path: Path, clear: bool = True) -> None:
         blobs.id.write_direct_chunk((0,), raw[:kept] + bogus * (len(raw) // 16 - length), mask)
         intent = h5file["_datastore/intent"]
         intent.resize((1,))
-        row = np.zeros(1, dtype=daystore.INTENT_DTYPE)
+        row = np.zeros(1, dtype=ledger.INTENT_DTYPE)
         row[0] = (9, blobs.name.encode(), length, length + 8, 0)
         intent[0:1] = row
         intent.attrs["NROWS"] = np.int64(1)
@@ -604,7 +627,7 @@ def test_a_table_with_other_columns_is_refused(path: Path) -> None:
         handle.create_table(group, "errors", {"event_id": tables.UInt32Col(pos=0),
                                               "other": tables.Int8Col(pos=1)}, "old")
     with DayFile(path) as day_file, pytest.raises(DayFileError, match="errors"):
-        day_file.append([part("k", make_events(1, 1, ["ERR"]))])
+        day_file.write([part("k", make_events(1, 1, ["ERR"]))])
     with pytables(path) as handle:
         assert handle.root._datastore.intent.nrows == 0
         assert handle.root._datastore.keys.nrows == 0
@@ -630,7 +653,7 @@ def test_second_thread_waits_or_times_out(path: Path) -> None:
 
         def wait_for_it() -> None:
             with DayFile(path) as day_file:
-                result["report"] = day_file.append([part("k", make_events(1, 1))])
+                result["report"] = day_file.write([part("k", make_events(1, 1))])
 
         waiter = threading.Thread(target=wait_for_it)
         waiter.start()
@@ -660,14 +683,14 @@ def test_another_process_holding_the_file_times_out(path: Path) -> None:
         release.set()
         child.join(60)
     with DayFile(path, lock_timeout=60) as day_file:
-        assert day_file.append([part("k", make_events(1, 1))]).written == ["k"]
+        assert day_file.write([part("k", make_events(1, 1))]).written == ["k"]
 
 
 def _append_many(path: str, prefix: str, count: int) -> None:
     for number in range(count):
         events = make_events(2, (prefix, number), ["CIC", "SIN"])
         with DayFile(Path(path), lock_timeout=120) as day_file:
-            day_file.append([part(f"{prefix}/{number}", events)])
+            day_file.write([part(f"{prefix}/{number}", events)])
 
 
 def test_two_processes_append_to_one_file(path: Path) -> None:
@@ -738,14 +761,14 @@ def reader_holding(path: Path, seconds: float = 60.0) -> Iterator[Any]:
 def test_a_reader_holding_the_file_makes_it_busy_at_once(path: Path) -> None:
     """HDF5's own lock: the writer is told at once (no retry loop), nothing is changed."""
     append(path, [part("first", make_events(2, 1))])
-    assert not daystore.held_open(path)
+    assert not dayfile.held_open(path)
     with reader_holding(path):
-        assert daystore.held_open(path)
+        assert dayfile.held_open(path)
         started = time_now()
-        with pytest.raises(daystore.DayFileBusy, match="held open"), DayFile(path):
+        with pytest.raises(dayfile.DayFileBusy, match="held open"), DayFile(path):
             pass
         assert time_now() - started < 1.0  # no lock wait: the reader may hold it for hours
-    assert not daystore.held_open(path)
+    assert not dayfile.held_open(path)
     assert append(path, [part("second", make_events(2, 2))]).written == ["second"]
 
 
@@ -757,8 +780,8 @@ def time_now() -> float:
 
 def test_keys_longer_than_the_ledger_column_are_written_once(path: Path) -> None:
     long_key = "incoming/501/" + "x" * 400 + ".pickle"
-    assert daystore.ledger_entry(long_key).startswith(b"sha256:")
-    assert daystore.ledger_entry("incoming/501/a.pickle") == b"incoming/501/a.pickle"
+    assert dayfile.ledger_entry(long_key).startswith(b"sha256:")
+    assert dayfile.ledger_entry("incoming/501/a.pickle") == b"incoming/501/a.pickle"
     events = make_events(3, 9)
     assert append(path, [part(long_key, events)]).written == [long_key]
     assert append(path, [part(long_key, events)]).skipped_duplicates == [long_key]
@@ -769,14 +792,14 @@ def test_keys_longer_than_the_ledger_column_are_written_once(path: Path) -> None
 def test_volume_probe_and_failure_kinds(tmp_path: Path) -> None:
     import errno as errnos
 
-    assert daystore.probe_volume(tmp_path) is None
+    assert dayfile.probe_volume(tmp_path) is None
     assert not list(tmp_path.iterdir())  # the probe leaves nothing behind
-    assert "not a directory" in str(daystore.probe_volume(tmp_path / "missing"))
-    full = daystore.DayFileIOError(errnos.ENOSPC, "x.h5: disk full")
-    assert daystore.is_volume_failure(full)
-    assert daystore.is_volume_failure(RuntimeError("Can't write data (errno = 30, ...)"))
-    assert not daystore.is_volume_failure(IsADirectoryError(errnos.EISDIR, "a directory"))
-    assert not daystore.is_volume_failure(OSError("file signature not found"))
+    assert "not a directory" in str(dayfile.probe_volume(tmp_path / "missing"))
+    full = dayfile.DayFileIOError(errnos.ENOSPC, "x.h5: disk full")
+    assert dayfile.is_volume_failure(full)
+    assert dayfile.is_volume_failure(RuntimeError("Can't write data (errno = 30, ...)"))
+    assert not dayfile.is_volume_failure(IsADirectoryError(errnos.EISDIR, "a directory"))
+    assert not dayfile.is_volume_failure(OSError("file signature not found"))
 
 
 CONSISTENT = """\
@@ -833,11 +856,11 @@ def test_readers_opening_during_appends_see_a_whole_file_or_a_clear_error(
     while time.monotonic() < deadline:
         try:
             with DayFile(path, lock_timeout=5) as day_file:
-                day_file.append([part(f"k{appended}", make_events(5, appended,
+                day_file.write([part(f"k{appended}", make_events(5, appended,
                                                                    ["CIC", "SIN"]))])
             appended += 1
             time.sleep(pause)
-        except daystore.DayFileBusy:  # the reader had it open at that moment
+        except dayfile.DayFileBusy:  # the reader had it open at that moment
             time.sleep(0.001)
     out, err = reader.communicate(timeout=60)
     assert reader.returncode == 0, err
