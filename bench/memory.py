@@ -71,7 +71,7 @@ def maxrss_mb() -> float:
 def child(spec: dict[str, str]) -> None:
     """The measured process: one warm-up sweep, then the scenario's sweep."""
     from hisparc_datastore.config import Settings
-    from hisparc_datastore.storage.bucket import Bucket
+    from hisparc_datastore.storage.store import Bucket
     from hisparc_datastore.writer.pipeline import sweep
 
     bucket = Bucket(spec["bucket"], endpoint=spec["endpoint"], access_key=spec["access"],
@@ -119,7 +119,7 @@ def put_objects(bucket: object, events: int, objects: int, seed: int, when: dt.d
 
 
 def measure(scenario: Scenario, endpoint: str, access: str, secret: str) -> Result:
-    from hisparc_datastore.storage.bucket import Bucket
+    from hisparc_datastore.storage.store import Bucket
     from hisparc_datastore.writer.pipeline import CHUNK_BYTES
 
     work = Path(tempfile.mkdtemp(prefix="bench-memory-"))

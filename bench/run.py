@@ -85,7 +85,7 @@ def cold_starts(count: int) -> list[float]:
     from hisparc_datastore_dev.ports import free_port
     from hisparc_datastore_dev.s3server import SeaweedS3
 
-    from hisparc_datastore.storage.bucket import Bucket
+    from hisparc_datastore.storage.store import Bucket
 
     with tempfile.TemporaryDirectory(prefix="bench-cold-") as temporary:
         work = Path(temporary)

@@ -46,7 +46,7 @@ from hisparc_datastore_dev.py2pickle import dumps_py2
 from hisparc_datastore_dev.s3server import SeaweedS3
 from hisparc_datastore_dev.served import serve_command, spawn, stop_process
 
-from hisparc_datastore.storage.bucket import Bucket
+from hisparc_datastore.storage.store import Bucket
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

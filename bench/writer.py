@@ -63,8 +63,8 @@ from hisparc_datastore.format.rows import (
     split_by_day,
 )
 from hisparc_datastore.stations import Station
-from hisparc_datastore.storage.bucket import Bucket
 from hisparc_datastore.storage.dayfile import DayFile, day_file_path
+from hisparc_datastore.storage.store import Bucket
 from hisparc_datastore.upload.protocol import metadata_for
 from hisparc_datastore.writer.pipeline import sweep
 
@@ -208,7 +208,7 @@ def sweep_rate(objects: int, work: Path, direct: bool) -> tuple[float, float, fl
 
         cpu0, server0 = own_cpu(), server_cpu()
         started = time.perf_counter()
-        result = sweep(bucket, settings, direct=direct)
+        result = sweep(bucket, settings)
         elapsed = time.perf_counter() - started
         assert result.ok and len(result.archived) == objects, result.summary()
         return (objects / elapsed, (own_cpu() - cpu0) / objects * 1000,

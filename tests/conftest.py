@@ -21,7 +21,7 @@ import pytest
 from hisparc_datastore_dev.s3server import SeaweedS3
 
 from hisparc_datastore.config import Settings, load_settings
-from hisparc_datastore.storage.bucket import Bucket
+from hisparc_datastore.storage.store import Bucket
 
 TEST_STATIONS = {
     501: ("Amsterdam", "s3cret-501"),

@@ -3,7 +3,7 @@
 Why a proxy and not a mock: the upload function and the writer must meet a bucket that
 misbehaves the way a real one does on the wire (refused connections, silence, 5xx
 answers, connections cut before or after the server acted), through their real S3
-clients (boto3 and :mod:`hisparc_datastore.storage.s3direct`) and their real retry logic.
+client (:mod:`hisparc_datastore.storage.store`, obstore) and its real retry logic.
 
 The proxy understands just enough HTTP/1.1 to find request and response boundaries
 (Content-Length, chunked bodies, HEAD and 204/304 answers without a body), so a fault
@@ -19,6 +19,8 @@ upstream connection.  What happens to a request is decided by the current
 - ``cut_before``: read the request, close the connection, forward nothing;
 - ``cut_after``: forward the request (the server acts on it), close without answering;
 - ``truncate``: forward half the request body, then close both sides (a damaged upload);
+- ``flip``: forward the request with one byte of its body changed, length kept (damage
+  that only a checksum the server verifies can catch);
 - ``random``: per request, one of the above drawn by a seeded RNG (``weights``).
 
 ``proxy.stop_listening()`` closes the listening socket (connections are refused: the
@@ -37,7 +39,7 @@ from dataclasses import dataclass, field
 
 Match = Callable[[str, str], bool]
 
-KINDS = ("pass", "delay", "hang", "error", "cut_before", "cut_after", "truncate")
+KINDS = ("pass", "delay", "hang", "error", "cut_before", "cut_after", "truncate", "flip")
 _ERROR_BODY = (
     b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>%s</Code>'
     b"<Message>injected by faultproxy</Message></Error>"
@@ -291,6 +293,9 @@ class FaultProxy:
                 upstream.sendall(head + body[: len(body) // 2])
                 time.sleep(0.05)
                 return False
+            if kind == "flip" and body:
+                middle = len(body) // 2
+                body = body[:middle] + bytes([body[middle] ^ 0xFF]) + body[middle + 1:]
             upstream.sendall(head + body)
             response = self._response(_Reader(upstream), method)
             if kind == "cut_after":

@@ -39,8 +39,8 @@ from hisparc_datastore_dev.served import Served, serve_function
 
 from hisparc_datastore.format.keys import incoming_key
 from hisparc_datastore.stations import Station
-from hisparc_datastore.storage.bucket import Bucket
 from hisparc_datastore.storage.dayfile import day_file_path
+from hisparc_datastore.storage.store import Bucket
 from hisparc_datastore.upload.protocol import metadata_for
 
 HERE = Path(__file__).resolve().parent

@@ -45,8 +45,8 @@ from hisparc_datastore_dev.served import Served
 from hisparc_datastore.config import Settings
 from hisparc_datastore.format.keys import failed_key, incoming_key
 from hisparc_datastore.stations import Station
-from hisparc_datastore.storage.bucket import Bucket
 from hisparc_datastore.storage.dayfile import day_file_path
+from hisparc_datastore.storage.store import Bucket
 from hisparc_datastore.upload.protocol import metadata_for
 
 try:  # tests/ as a package, or tests/ on sys.path

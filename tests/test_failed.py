@@ -22,8 +22,8 @@ from hisparc_datastore.ops.failed import (
     summarize_body,
 )
 from hisparc_datastore.stations import Station
-from hisparc_datastore.storage.bucket import Bucket
 from hisparc_datastore.storage.dayfile import day_file_path
+from hisparc_datastore.storage.store import Bucket
 from hisparc_datastore.upload.protocol import metadata_for
 from hisparc_datastore.writer.pipeline import process_keys
 
@@ -43,7 +43,7 @@ def quarantine(bucket: Bucket, settings: Settings, body: bytes, tag: str) -> str
     md5 = hashlib.md5(tag.encode()).hexdigest()  # noqa: S324
     key = incoming_key(501, md5)
     bucket.put(key, body, metadata_for(Station(501, "Amsterdam", ""), 4, RECEIVED))
-    result = process_keys([key], bucket, settings, direct=False)
+    result = process_keys([key], bucket, settings)
     assert list(result.quarantined) == [key]
     return failed_key(key)
 
@@ -137,7 +137,7 @@ def test_live_writer_racing_the_retry_loses_nothing(
     def move_then_live_writer(source: str, target: str, metadata: object = None) -> None:
         original_move(source, target, metadata)  # type: ignore[arg-type]
         if target.startswith("incoming/"):
-            process_keys([target], bucket, settings, direct=False)  # the notified writer
+            process_keys([target], bucket, settings)  # the notified writer
 
     monkeypatch.setattr(bucket, "move", move_then_live_writer)
     result = retry(bucket, settings, [poisoned, fixed])

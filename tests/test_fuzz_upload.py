@@ -73,7 +73,7 @@ from test_upload_http import server_environment, start, stop, upload_site
 from hisparc_datastore.format.keys import incoming_key
 from hisparc_datastore.format.payload import MAX_DEPTH, decode_batch
 from hisparc_datastore.stations import StationList
-from hisparc_datastore.storage.bucket import Bucket, StoredObject
+from hisparc_datastore.storage.store import Bucket, StoredObject
 from hisparc_datastore.upload import protocol as core
 
 # --- the contract ----------------------------------------------------------------------

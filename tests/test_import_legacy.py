@@ -32,8 +32,8 @@ from hisparc_datastore.ops.import_legacy import (
 )
 from hisparc_datastore.ops.replay import compare_files
 from hisparc_datastore.stations import Station
-from hisparc_datastore.storage.bucket import Bucket
 from hisparc_datastore.storage.dayfile import day_file_path
+from hisparc_datastore.storage.store import Bucket
 from hisparc_datastore.upload.protocol import metadata_for
 from hisparc_datastore.writer.pipeline import process_keys, sweep
 
@@ -107,7 +107,7 @@ def test_import_lands_the_same_rows_as_a_direct_upload(
     body = dumps_py2(events)
     key = incoming_key(501, hashlib.md5(body).hexdigest())  # noqa: S324
     bucket.put(key, body, metadata_for(Station(501, "Amsterdam", ""), len(events), MTIME))
-    assert process_keys([key], bucket, direct, direct=False).archived == [key]
+    assert process_keys([key], bucket, direct).archived == [key]
 
     for flavour, make in (("py2", queue_file_py2), ("py3", queue_file_py3)):
         root = tmp_path / f"queue-{flavour}"
@@ -123,7 +123,7 @@ def test_import_lands_the_same_rows_as_a_direct_upload(
         assert stored.metadata["legacy-source"] == "incoming/501_0001"
         written = dataclasses.replace(settings, data_dir=tmp_path / flavour)
         written.data_dir.mkdir()
-        result = sweep(bucket, written, direct=False)
+        result = sweep(bucket, written)
         assert result.archived == [imported], result.summary()
         comparison = compare_files(day_file_path(direct.data_dir, DAY),
                                    day_file_path(written.data_dir, DAY), DAY,
@@ -158,7 +158,7 @@ def test_folders_and_idempotence(bucket: Bucket, settings: Settings, tmp_path: P
     assert len(report.already) == 3 and len(report.imported) == 1
     assert report.imported[0].startswith("incoming/7001/")
     # after the writer archived them: still nothing new
-    assert sweep(bucket, settings, direct=False).ok
+    assert sweep(bucket, settings).ok
     assert keys(bucket, "incoming/") == []
     again = import_legacy(bucket, root)
     assert again.imported == [] and len(again.already) == 4

@@ -32,7 +32,7 @@ import pytest
 from hisparc_datastore_dev import local
 
 from hisparc_datastore.config import load_settings, stack_environment
-from hisparc_datastore.storage.bucket import Bucket
+from hisparc_datastore.storage.store import Bucket
 from hisparc_datastore.writer.notifications import parse_notification
 
 T = TypeVar("T")

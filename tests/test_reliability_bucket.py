@@ -34,7 +34,7 @@ from notification_bodies import minio_body
 from reliability_support import Expected, Served, make_batch, serve, store_batch, verify
 
 from hisparc_datastore.config import Settings
-from hisparc_datastore.storage.bucket import Bucket
+from hisparc_datastore.storage.store import Bucket
 from hisparc_datastore.writer.pipeline import RetryPolicy, process_keys, sweep
 
 FAST = RetryPolicy(delays=(0.05, 0.1))
@@ -103,11 +103,13 @@ def test_uploads_answer_non_100_and_store_nothing_half(
         for status in (500, 503):
             proxy.fault = Fault("error", status=status)
             attempt(f"error {status}", False)
-        # One attempt by design (functions/upload/main.py): the answer must come well
-        # within the stations' 10 s, and their resend is the retry.
+        # One retry within 4 s (functions/upload/main.py): a single 503 is absorbed, two
+        # are answered 404 well within the stations' 10 s, and their resend is the retry.
         proxy.fault = Fault("error", status=503, times=1)
-        attempt("one 503", False)
-        for kind in ("cut_before", "truncate", "cut_after"):
+        attempt("one 503", True)
+        proxy.fault = Fault("error", status=503, times=2)
+        attempt("two 503s", False)
+        for kind in ("cut_before", "truncate", "flip", "cut_after"):
             proxy.fault = Fault(kind, match=lambda method, path: method == "PUT")
             attempt(kind, False)
         proxy.fault = Fault("delay", seconds=1.0)

@@ -40,7 +40,7 @@ from reliability_support import (
 )
 
 from hisparc_datastore.config import Settings
-from hisparc_datastore.storage.bucket import Bucket
+from hisparc_datastore.storage.store import Bucket
 
 STATIONS = (501, 502, 7001)
 

@@ -25,7 +25,7 @@ from notification_bodies import minio_body
 from reliability_support import DAY0, Expected, Served, make_batch, serve, store_batch, verify
 
 from hisparc_datastore.config import Settings
-from hisparc_datastore.storage.bucket import Bucket
+from hisparc_datastore.storage.store import Bucket
 
 STATIONS = (501, 502, 7001)
 

@@ -22,7 +22,7 @@ from notification_bodies import aws_body, minio_body
 from reliability_support import Expected, make_batch, serve, store_batch, verify
 
 from hisparc_datastore.config import Settings
-from hisparc_datastore.storage.bucket import Bucket
+from hisparc_datastore.storage.store import Bucket
 from hisparc_datastore.writer.pipeline import RetryPolicy, process_keys, sweep
 
 FAST = RetryPolicy(delays=(0.05, 0.1))

@@ -34,8 +34,8 @@ from hisparc_datastore.ops.replay import (
     verify,
 )
 from hisparc_datastore.stations import Station
-from hisparc_datastore.storage.bucket import Bucket
 from hisparc_datastore.storage.dayfile import day_file_path
+from hisparc_datastore.storage.store import Bucket
 from hisparc_datastore.upload.protocol import metadata_for
 from hisparc_datastore.writer.pipeline import process_keys
 
@@ -83,7 +83,7 @@ def upload_two_days(bucket: Bucket, settings: Settings) -> None:
     uploads.append((dt.datetime(2024, 3, 5, 2, 0, tzinfo=dt.UTC), 501, "Amsterdam", other, "py2"))
     for received, station, cluster, events, flavour in sorted(uploads, key=lambda u: u[0]):
         key = put_batch(bucket, events, station, cluster, received, flavour)
-        result = process_keys([key], bucket, settings, direct=False)
+        result = process_keys([key], bucket, settings)
         assert result.archived == [key], result.summary()
 
 

@@ -15,8 +15,8 @@ import h5py
 import pytest
 
 from hisparc_datastore.config import Settings
-from hisparc_datastore.storage.bucket import Bucket
 from hisparc_datastore.storage.dayfile import day_file_path
+from hisparc_datastore.storage.store import Bucket
 from hisparc_datastore.writer.pipeline import Deferral, WriteResult
 from hisparc_datastore.writer.retries import Backoff, RetryBook, RetryRecord, record_key
 from hisparc_datastore.writer.service import Backlog, Watchdog

@@ -26,7 +26,7 @@ from reliability_support import RECEIVED, ROOT, Expected, make_batch, store_batc
 
 from hisparc_datastore.config import Settings
 from hisparc_datastore.format.keys import archive_key
-from hisparc_datastore.storage.bucket import Bucket
+from hisparc_datastore.storage.store import Bucket
 from hisparc_datastore.writer.pipeline import sweep
 
 SOURCE = ROOT / "functions" / "writer" / "main.py"

@@ -1,6 +1,6 @@
 """The S3 fixture itself: a real server, reached with the production client code."""
 
-from hisparc_datastore.storage.bucket import Bucket, ObjectMissing
+from hisparc_datastore.storage.store import Bucket, ObjectMissing
 
 
 def test_round_trip_through_real_s3(bucket: Bucket) -> None:

@@ -45,7 +45,7 @@ from test_upload_http import (
 
 from hisparc_datastore import cli, serve
 from hisparc_datastore.format.keys import incoming_key
-from hisparc_datastore.storage.bucket import Bucket
+from hisparc_datastore.storage.store import Bucket
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCE = ROOT / "functions" / "upload" / "main.py"

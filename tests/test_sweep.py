@@ -19,7 +19,7 @@ from hisparc_datastore_dev.py2pickle import dumps_py2
 from hisparc_datastore.config import Settings
 from hisparc_datastore.format.keys import incoming_key
 from hisparc_datastore.stations import Station
-from hisparc_datastore.storage.bucket import Bucket
+from hisparc_datastore.storage.store import Bucket
 from hisparc_datastore.upload.protocol import metadata_for
 
 DATASTORE = str(Path(sys.executable).with_name("datastore"))

@@ -29,7 +29,7 @@ from hisparc_datastore.format import payload
 from hisparc_datastore.format.keys import incoming_key, suspicious_key
 from hisparc_datastore.format.payload import decode_batch
 from hisparc_datastore.stations import StationList
-from hisparc_datastore.storage.bucket import Bucket
+from hisparc_datastore.storage.store import Bucket
 from hisparc_datastore.upload import protocol as core
 
 NOW = dt.datetime(2024, 3, 1, 12, 30, 5, 250000, tzinfo=dt.UTC)

@@ -35,7 +35,7 @@ from hisparc_datastore_dev.served import serve_command, serve_function, stop_pro
 from hostile_pickles import HOSTILE, MARKER
 
 from hisparc_datastore.format.keys import incoming_key, suspicious_key
-from hisparc_datastore.storage.bucket import Bucket
+from hisparc_datastore.storage.store import Bucket
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCE = ROOT / "functions" / "upload" / "main.py"

@@ -27,8 +27,8 @@ from hisparc_datastore.format import schema
 from hisparc_datastore.format.keys import archive_key, failed_key, incoming_key, station_from_key
 from hisparc_datastore.format.origin import BadOrigin, object_origin, received_time
 from hisparc_datastore.stations import Station
-from hisparc_datastore.storage.bucket import Bucket, ObjectInfo
 from hisparc_datastore.storage.dayfile import day_file_path
+from hisparc_datastore.storage.store import Bucket, ObjectInfo
 from hisparc_datastore.upload.protocol import metadata_for
 from hisparc_datastore.writer.pipeline import (
     RetryPolicy,
@@ -282,16 +282,15 @@ def three_batches(bucket: Bucket, seed: int = 8) -> tuple[list[str], int]:
     return keys, total
 
 
-@pytest.mark.parametrize("direct", [True, False], ids=["direct-s3", "boto3"])
 def test_duplicate_and_reordered_notifications_write_no_duplicate_rows(
-    bucket: Bucket, settings: Settings, direct: bool
+    bucket: Bucket, settings: Settings
 ) -> None:
     (a, b, c), total = three_batches(bucket)
 
     # reordered and repeated
-    first = process_keys([c, c, a], bucket, settings, retry=FAST, direct=direct)
-    second = process_keys([a, b, c, b], bucket, settings, retry=FAST, direct=direct)
-    third = process_keys([b], bucket, settings, retry=FAST, direct=direct)
+    first = process_keys([c, c, a], bucket, settings, retry=FAST)
+    second = process_keys([a, b, c, b], bucket, settings, retry=FAST)
+    third = process_keys([b], bucket, settings, retry=FAST)
 
     assert sorted(first.archived) == sorted([a, c]) and first.already_done == []
     assert second.archived == [b] and sorted(second.already_done) == sorted([a, c])
@@ -459,9 +458,8 @@ def test_unreachable_bucket_is_a_transient_failure(settings: Settings) -> None:
     assert not swept.ok and swept.errors
 
 
-@pytest.mark.parametrize("direct", [True, False], ids=["direct-s3", "boto3"])
 def test_sweep_writes_many_one_event_objects(
-    bucket: Bucket, settings: Settings, direct: bool
+    bucket: Bucket, settings: Settings
 ) -> None:
     from concurrent.futures import ThreadPoolExecutor
 
@@ -472,7 +470,7 @@ def test_sweep_writes_many_one_event_objects(
     with ThreadPoolExecutor(8) as pool:
         keys = list(pool.map(lambda events: put_batch(bucket, events), batches))
 
-    result = sweep(bucket, settings, retry=FAST, direct=direct)
+    result = sweep(bucket, settings, retry=FAST)
 
     assert result.ok and sorted(result.archived) == sorted(keys) and result.rows == 240
     assert keys_under(bucket, "incoming/") == []
@@ -701,9 +699,8 @@ def test_a_broken_day_file_defers_then_quarantines_with_its_reason(
     assert {failed_key(a), failed_key(b)} <= set(keys_under(bucket, "failed/"))
 
 
-@pytest.mark.parametrize("direct", [True, False], ids=["direct-s3", "boto3"])
 def test_large_objects_are_archived_by_server_side_copy(
-    bucket: Bucket, settings: Settings, direct: bool
+    bucket: Bucket, settings: Settings
 ) -> None:
     from hisparc_datastore.writer.pipeline import ARCHIVE_PUT_BYTES
 
@@ -713,7 +710,7 @@ def test_large_objects_are_archived_by_server_side_copy(
     original = bucket.get(key)
     assert len(original.body) > ARCHIVE_PUT_BYTES
 
-    result = process_keys([key], bucket, settings, retry=FAST, direct=direct)
+    result = process_keys([key], bucket, settings, retry=FAST)
 
     assert result.archived == [key] and result.rows == 60
     archived = bucket.get(archive_key(key, RECEIVED))

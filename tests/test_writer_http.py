@@ -30,8 +30,8 @@ from hisparc_datastore_dev.served import serve_command, serve_function
 
 from hisparc_datastore.format.keys import archive_key, failed_key, incoming_key
 from hisparc_datastore.stations import Station
-from hisparc_datastore.storage.bucket import Bucket
 from hisparc_datastore.storage.dayfile import day_file_path
+from hisparc_datastore.storage.store import Bucket
 from hisparc_datastore.upload.protocol import metadata_for
 from hisparc_datastore.writer.notifications import PING_TYPE, SWEEP_TYPE
 

@@ -24,15 +24,10 @@ protocol's ``text/plain`` response with one log line.  Decisions made here:
   level) and answered ``205`` ("transaction failed" in the reference's list) with HTTP
   503: never a 500 page or a traceback to the client, and like every non-``100`` answer
   it makes the station resend the batch later.
-- The bucket client is made once, at import; its timeouts are short (see
-  ``BUCKET_OPTIONS`` and ``DIRECT_TIMEOUT``) so a slow bucket is answered ``404`` with
-  HTTP 503 in seconds.
-- With static credentials (the usual case: environment variables) the put goes through
-  :class:`~hisparc_datastore.storage.s3direct.DirectS3`, the lean SigV4 client whose put sends the
-  same request as ``Bucket.put``, not boto3: botocore costs
-  about 2 ms of CPU per put under the GIL (more than the whole protocol for a 1-event
-  batch) and boto3's import and client set-up about 0.2 s of cold start (docs/PERFORMANCE.md).
-  Without static credentials boto3 and its credential chain are used, as before.
+- The bucket (:class:`~hisparc_datastore.storage.store.Bucket`, on obstore) is made at
+  import; each worker process opens its own client on its first request.  Its timeouts
+  are short (``BUCKET_OPTIONS``), so a slow bucket is answered ``404`` with HTTP 503 in
+  seconds, inside the stations' patience.
 """
 
 from __future__ import annotations
@@ -48,8 +43,7 @@ from hisparc_datastore.config import ConfigError, Settings, load_settings
 from hisparc_datastore.format import payload
 from hisparc_datastore.logs import setup_logging
 from hisparc_datastore.stations import StationList
-from hisparc_datastore.storage.bucket import Bucket
-from hisparc_datastore.storage.s3direct import DirectS3
+from hisparc_datastore.storage.store import Bucket
 from hisparc_datastore.upload import protocol as core
 
 log = logging.getLogger("hisparc_datastore.upload.protocol")
@@ -60,26 +54,14 @@ DESCRIPTION = (
 )
 READ_CHUNK = 1 << 20
 
-# The bucket client must time out well within the stations' patience (PySPARC waits
-# 10 s); a put that cannot finish in time is answered 404 and resent by the station.
-BUCKET_OPTIONS = {"connect_timeout": 2.0, "read_timeout": 10.0, "max_attempts": 2}
-# The direct client has one timeout for connecting and for each read, and makes one
-# attempt (plus one reconnect when the server closed a kept-alive connection), so its
-# worst case stays below the stations' 10 s.
-DIRECT_TIMEOUT = 5.0
+# The bucket client must give up well within the stations' patience (PySPARC waits 10 s):
+# a put that cannot finish in time is answered 404 and resent by the station.  One retry
+# of a transient failure, within 4 s; each request at most 3 s.
+BUCKET_OPTIONS = {"connect_timeout": 1.0, "read_timeout": 3.0, "max_attempts": 2,
+                  "retry_seconds": 4.0}
 
 
-def _store(settings: Settings) -> core.ObjectStore:
-    """The direct client with static credentials, boto3 (and its credential chain) without."""
-    if settings.aws_access_key_id and settings.aws_secret_access_key:
-        return DirectS3(
-            settings.bucket_name,
-            settings.bucket_endpoint,
-            settings.bucket_region,
-            settings.aws_access_key_id,
-            settings.aws_secret_access_key,
-            timeout=DIRECT_TIMEOUT,
-        )
+def _store(settings: Settings) -> Bucket:
     return Bucket.from_settings(settings, **BUCKET_OPTIONS)
 
 
@@ -108,10 +90,8 @@ def _load() -> tuple[Settings, StationList]:
 _check_decoder()
 SETTINGS, STATIONS = _load()
 
-# Created before gunicorn forks its workers, so that no worker pays for setting up the
-# client on its first request (cold start).  Safe to inherit: neither client opens a
-# connection until it is used, and nothing uses it before the fork; each worker then
-# opens its own connections (the direct client one per thread), and threads share it.
+# Made before gunicorn forks its workers; the S3 client inside is made per process on
+# first use (obstore is not fork-safe once it has made a request), shared by the threads.
 STORE = _store(SETTINGS)
 
 

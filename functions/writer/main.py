@@ -47,7 +47,7 @@ import functions_framework
 from hisparc_datastore.config import ConfigError, Settings, load_settings
 from hisparc_datastore.format import payload
 from hisparc_datastore.logs import setup_logging
-from hisparc_datastore.storage.bucket import Bucket
+from hisparc_datastore.storage.store import Bucket
 from hisparc_datastore.writer.notifications import NotificationError, parse_notification
 from hisparc_datastore.writer.service import WriterService
 

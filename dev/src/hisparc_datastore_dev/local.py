@@ -52,7 +52,7 @@ from hisparc_datastore.config import (
 )
 from hisparc_datastore.format.keys import INCOMING
 from hisparc_datastore.stations import Station, parse_station_list
-from hisparc_datastore.storage.bucket import Bucket, BucketError
+from hisparc_datastore.storage.store import Bucket, BucketError
 from hisparc_datastore.writer.notifications import SWEEP_TYPE
 from hisparc_datastore_dev import served
 from hisparc_datastore_dev.ports import (

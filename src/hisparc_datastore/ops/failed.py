@@ -26,7 +26,7 @@ from hisparc_datastore.config import Settings, load_settings
 from hisparc_datastore.format.keys import FAILED, INCOMING, RETRYING
 from hisparc_datastore.format.payload import PayloadError, decode_batch, event_datetime
 from hisparc_datastore.logs import setup_logging
-from hisparc_datastore.storage.bucket import Bucket, BucketError, ObjectMissing
+from hisparc_datastore.storage.store import Bucket, BucketError, ObjectMissing
 from hisparc_datastore.writer.pipeline import WriteResult, process_keys, short_reason
 
 #: Where a retried object waits between failed/ and incoming/ (see :func:`_send_back`).

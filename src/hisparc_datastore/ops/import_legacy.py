@@ -56,7 +56,7 @@ from hisparc_datastore.format.payload import PayloadError, decode_batch, decode_
 from hisparc_datastore.logs import setup_logging
 from hisparc_datastore.ops.replay import Progress
 from hisparc_datastore.stations import Station
-from hisparc_datastore.storage.bucket import Bucket, BucketError
+from hisparc_datastore.storage.store import Bucket, BucketError
 from hisparc_datastore.upload.protocol import metadata_for
 from hisparc_datastore.writer.pipeline import short_reason
 

@@ -62,9 +62,15 @@ from hisparc_datastore.format.rows import BatchPart
 from hisparc_datastore.format.schema import BLOBS_NODE, ROOT_GROUP, TABLES
 from hisparc_datastore.logs import setup_logging
 from hisparc_datastore.stations import cluster_lookup
-from hisparc_datastore.storage.bucket import Bucket, BucketError, ObjectInfo, StoredObject
 from hisparc_datastore.storage.dayfile import DayFile, day_file_path
-from hisparc_datastore.writer.pipeline import S3_THREADS, short_reason
+from hisparc_datastore.storage.store import (
+    S3_THREADS,
+    Bucket,
+    BucketError,
+    ObjectInfo,
+    StoredObject,
+)
+from hisparc_datastore.writer.pipeline import short_reason
 
 log = logging.getLogger(__name__)
 

@@ -30,8 +30,8 @@ from hisparc_datastore.config import (
 )
 from hisparc_datastore.format.keys import DEFERRED, LEGACY_IMPORT, PREFIXES, RETRYING
 from hisparc_datastore.format.schema import ROOT_GROUP, TABLE_NAMES
-from hisparc_datastore.storage.bucket import Bucket, BucketError
 from hisparc_datastore.storage.dayfile import day_file_path, held_open
+from hisparc_datastore.storage.store import Bucket, BucketError
 from hisparc_datastore.writer.retries import Backoff, RetryBook, RetryRecord
 
 DAY_FILE_NAME = re.compile(r"^(\d{4})_(\d{1,2})_(\d{1,2})\.h5$")

@@ -20,7 +20,7 @@ from types import FrameType
 
 from hisparc_datastore.config import Settings, load_settings
 from hisparc_datastore.logs import setup_logging
-from hisparc_datastore.storage.bucket import Bucket
+from hisparc_datastore.storage.store import Bucket
 from hisparc_datastore.writer.pipeline import TRANSIENT, WriteResult, short_reason, sweep
 
 log = logging.getLogger(__name__)

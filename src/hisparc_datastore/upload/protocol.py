@@ -36,7 +36,7 @@ import hashlib
 import hmac
 import re
 import urllib.parse
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -46,7 +46,7 @@ from hisparc_datastore.config import Settings
 from hisparc_datastore.format.keys import incoming_key, suspicious_key
 from hisparc_datastore.format.payload import PayloadError, decode_batch, is_suspicious
 from hisparc_datastore.stations import Station
-from hisparc_datastore.storage.bucket import BucketError
+from hisparc_datastore.storage.store import BucketError, Store
 
 # Answer codes (spec section 1).  Only the body matters to stations; 100 is success.
 STORED = "100"
@@ -74,18 +74,6 @@ _METADATA_SAFE = "".join(chr(c) for c in range(0x20, 0x7F) if chr(c) != "%")
 
 class FormError(ValueError):
     """The body is not a form this endpoint can read; answered 400."""
-
-
-class ObjectStore(Protocol):
-    """What the upload needs of a bucket (``bucket.Bucket`` is one)."""
-
-    def put(
-        self,
-        key: str,
-        body: bytes,
-        metadata: Mapping[str, str],
-        md5_digest: bytes | None = None,
-    ) -> str: ...
 
 
 class StationLookup(Protocol):
@@ -337,7 +325,7 @@ def handle_upload(
     body: bytes,
     content_type: str,
     stations: StationLookup,
-    store: ObjectStore,
+    store: Store,
     settings: Settings,
     now: dt.datetime,
 ) -> UploadAnswer:
@@ -402,12 +390,7 @@ def handle_upload(
     suspicious = is_suspicious(events, settings.minimum_year)
     key = (suspicious_key if suspicious else incoming_key)(number, digest)
     try:
-        store.put(
-            key,
-            pickled,
-            metadata_for(station, len(events), now),
-            md5_digest=bytes.fromhex(digest),
-        )
+        store.put(key, pickled, metadata_for(station, len(events), now))
     except BucketError as exc:
         return UploadAnswer(
             code=DATABASE_UNREACHABLE,

@@ -53,8 +53,6 @@ import dataclasses
 import datetime as dt
 import functools
 import logging
-import os
-import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
@@ -75,14 +73,6 @@ from hisparc_datastore.format.origin import (
 from hisparc_datastore.format.payload import PayloadError
 from hisparc_datastore.format.rows import RowsError, SkipReport
 from hisparc_datastore.stations import cluster_lookup
-from hisparc_datastore.storage.bucket import (
-    Bucket,
-    BucketError,
-    ObjectInfo,
-    ObjectMissing,
-    ObjectRefused,
-    StoredObject,
-)
 from hisparc_datastore.storage.dayfile import (
     AppendReport,
     DayFile,
@@ -91,7 +81,15 @@ from hisparc_datastore.storage.dayfile import (
     is_volume_failure,
     probe_volume,
 )
-from hisparc_datastore.storage.s3direct import DirectS3
+from hisparc_datastore.storage.store import (
+    S3_THREADS,
+    BucketError,
+    ObjectInfo,
+    ObjectMissing,
+    ObjectRefused,
+    Store,
+    StoredObject,
+)
 from hisparc_datastore.writer.retries import (
     DEFAULT_BACKOFF,
     Backoff,
@@ -113,8 +111,6 @@ FINAL: tuple[type[BaseException], ...] = (ObjectMissing, ObjectRefused, DayFileB
 #: object forms a chunk of its own).  Bounds memory; large enough to amortise file opens.
 CHUNK_OBJECTS = 1000
 CHUNK_BYTES = 8 * 1024 * 1024
-#: Concurrent S3 requests (boto3 clients are thread-safe; the work is mostly waiting).
-S3_THREADS = 8
 #: Seconds to wait for another writer (a sweep thread, another revision) to release a day
 #: file before the objects are deferred.  Short: a notification must be answered well
 #: within the sender's patience (MinIO's webhook client gives up after 60 s), and one
@@ -317,68 +313,6 @@ def with_retry(action: Callable[[], T], what: str, retry: RetryPolicy,
     raise AssertionError("unreachable")
 
 
-class ObjectStore:
-    """The bucket as the writer uses it: the hot path direct, the rest via boto3.
-
-    Listing, getting, archiving and deleting objects are the sweep's cost per object, so
-    they go through :class:`~.s3direct.DirectS3` when static credentials allow it; the
-    rare quarantine move stays on :class:`~.bucket.Bucket` (boto3), which also serves
-    everything when ``direct`` is None.
-    """
-
-    def __init__(self, bucket: Bucket, direct: DirectS3 | None = None) -> None:
-        self.bucket = bucket
-        self.direct = direct
-
-    def get(self, key: str) -> StoredObject:
-        return (self.direct or self.bucket).get(key)
-
-    def put(self, key: str, body: bytes, metadata: dict[str, str]) -> str:
-        return (self.direct or self.bucket).put(key, body, metadata)
-
-    def delete(self, key: str) -> None:
-        (self.direct or self.bucket).delete(key)
-
-    def delete_many(self, keys: Sequence[str]) -> list[str]:
-        if self.direct is not None:
-            return self.direct.delete_many(keys)
-        return boto_delete_many(self.bucket, keys)
-
-    def head(self, key: str) -> ObjectInfo | None:
-        return (self.direct or self.bucket).head(key)
-
-    def copy(self, source: str, target: str) -> None:
-        (self.direct or self.bucket).copy(source, target)
-
-    def move(self, source: str, target: str, metadata: dict[str, str]) -> None:
-        self.bucket.move(source, target, metadata)
-
-    def list(self, prefix: str) -> Iterator[ObjectInfo]:
-        return (self.direct or self.bucket).list(prefix)
-
-
-_direct_clients: dict[tuple[int, str, str, str, str], DirectS3] = {}
-_direct_lock = threading.Lock()
-
-
-def object_store(bucket: Bucket, settings: Settings, direct: bool = True) -> ObjectStore:
-    """The writer's store for ``bucket``; direct S3 only for the configured bucket."""
-    if not direct or (bucket.name, bucket.endpoint) != (
-        settings.bucket_name, settings.bucket_endpoint
-    ):
-        return ObjectStore(bucket)
-    identity = (os.getpid(), settings.bucket_name, settings.bucket_endpoint,
-                settings.bucket_region, settings.aws_access_key_id or "")
-    with _direct_lock:
-        client = _direct_clients.get(identity)
-        if client is None:
-            client = DirectS3.from_settings(settings)
-            if client is None:
-                return ObjectStore(bucket)
-            _direct_clients[identity] = client
-    return ObjectStore(bucket, client)
-
-
 def _malloc_trim() -> Callable[[], object] | None:
     try:
         libc = ctypes.CDLL("libc.so.6")
@@ -471,7 +405,7 @@ class _Run:
 
     def __init__(
         self,
-        store: ObjectStore,
+        store: Store,
         settings: Settings,
         options: RunOptions,
         pool: Executor | None,
@@ -902,24 +836,6 @@ class _Run:
         self.book.cleared("object", stored.key)
 
 
-def boto_delete_many(bucket: Bucket, keys: Sequence[str]) -> list[str]:
-    """Delete up to 1000 keys in one request; returns the keys the server did not delete.
-
-    One DeleteObjects request instead of one DELETE per object: the sweep of thousands of
-    one-event objects is bound by S3 requests per object.
-    """
-    import botocore.exceptions
-
-    try:
-        answer = bucket.client.delete_objects(
-            Bucket=bucket.name,
-            Delete={"Objects": [{"Key": key} for key in keys], "Quiet": True},
-        )
-    except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
-        raise BucketError(f"delete {len(keys)} objects: {exc}") from exc
-    return [str(error.get("Key", "")) for error in answer.get("Errors", [])]
-
-
 def _counts(report: SkipReport) -> str:
     return ", ".join(f"{reason}: {count}" for reason, count in sorted(report.counts.items()))
 
@@ -989,7 +905,7 @@ def _pipeline(
     return result
 
 
-def _book(store: ObjectStore, book: RetryBook | None, options: RunOptions) -> RetryBook:
+def _book(store: Store, book: RetryBook | None, options: RunOptions) -> RetryBook:
     """The caller's book (a serving process keeps one), or a fresh one read now."""
     if book is None:
         book = RetryBook(store, options.backoff)
@@ -1000,7 +916,7 @@ def _book(store: ObjectStore, book: RetryBook | None, options: RunOptions) -> Re
 
 def process_keys(
     keys: Iterable[str],
-    bucket: Bucket,
+    bucket: Store,
     settings: Settings,
     *,
     retry: RetryPolicy = DEFAULT_RETRY,
@@ -1009,13 +925,12 @@ def process_keys(
     respect_schedule: bool = True,
     book: RetryBook | None = None,
     progress: Callable[[], object] = _never,
-    direct: bool = True,
 ) -> WriteResult:
     """Write the notified objects (duplicates and keys outside incoming/ dropped).
 
     One key (every MinIO webhook call) is fetched and written directly.  Several keys
     are first sized with HEAD requests, so they can be chunked by bytes like the sweep
-    does.  ``direct=False`` keeps every request on boto3 (see :class:`ObjectStore`).
+    does.
     ``book`` is the serving process's retry records (read from the bucket when None);
     ``backoff`` defaults to the settings' ``[Writer] retry_*``.
     """
@@ -1026,7 +941,7 @@ def process_keys(
     backoff = backoff or Backoff.from_settings(settings)
     options = RunOptions(retry, lock_timeout, backoff, respect_schedule, progress)
     with ThreadPoolExecutor(S3_THREADS, thread_name_prefix="writer-s3") as pool:
-        store = object_store(bucket, settings, direct)
+        store = bucket
         try:
             records = _book(store, book, options)
         except BucketError as exc:
@@ -1057,7 +972,7 @@ def process_keys(
 
 
 def sweep(
-    bucket: Bucket,
+    bucket: Store,
     settings: Settings,
     limit: int | None = None,
     *,
@@ -1069,7 +984,6 @@ def sweep(
     waiting: Callable[[str], Deferral | None] | None = None,
     book: RetryBook | None = None,
     progress: Callable[[], object] = _never,
-    direct: bool = True,
 ) -> WriteResult:
     """Process everything under ``incoming/``, oldest first, in bounded chunks.
 
@@ -1090,7 +1004,7 @@ def sweep(
     backoff = backoff or Backoff.from_settings(settings)
     options = RunOptions(retry, lock_timeout, backoff, respect_schedule, progress)
     with ThreadPoolExecutor(S3_THREADS, thread_name_prefix="writer-s3") as pool:
-        store = object_store(bucket, settings, direct)
+        store = bucket
         records = book if book is not None else RetryBook(store, backoff)
         try:
             with_retry(records.load, "read the retry records", options.retry)

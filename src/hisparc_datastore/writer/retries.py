@@ -35,7 +35,7 @@ from typing import Literal, Protocol
 
 from hisparc_datastore.config import Settings
 from hisparc_datastore.format.keys import DEFERRED
-from hisparc_datastore.storage.bucket import BucketError, ObjectInfo, ObjectMissing, StoredObject
+from hisparc_datastore.storage.store import BucketError, ObjectInfo, ObjectMissing, StoredObject
 
 log = logging.getLogger(__name__)
 

@@ -30,12 +30,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hisparc_datastore.config import Settings
-from hisparc_datastore.storage.bucket import Bucket
 from hisparc_datastore.storage.dayfile import day_file_path, held_open
+from hisparc_datastore.storage.store import Bucket
 from hisparc_datastore.writer.pipeline import (
     Deferral,
     WriteResult,
-    object_store,
     process_keys,
     short_reason,
     sweep,
@@ -195,7 +194,7 @@ class WriterService:
         """The process's retry records; read from the bucket by the first run that needs it."""
         if self._book is None:
             bucket = self._bucket()
-            self._book = RetryBook(object_store(bucket, self.settings), self.backoff)
+            self._book = RetryBook(bucket, self.backoff)
         return self._book
 
     def notify(self, keys: list[str]) -> WriteResult:
