@@ -178,9 +178,6 @@ def why_not_met(row: Row, record: dict[str, Any]) -> str:
         if group is not None and cpu_ceiling(group) < row.target:
             return (f"out of reach on this machine: the CPU budget allows at most "
                     f"{cpu_ceiling(group):.2f}x (docs/PERFORMANCE.md)")
-    if "boto3 only" in row.figure:
-        return ("the fallback without static credentials; the sweep as deployed is the "
-                "direct S3 row")
     return "see docs/PERFORMANCE.md"
 
 

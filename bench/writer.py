@@ -16,7 +16,7 @@ What is measured, all in this process and this run (best of ``--repeat``):
   ``row.append()`` and a blob ``append`` per value, ``flush()`` per event, like the
   reference writer);
 - objects/s: 1-event CIC batches (with traces) through ``writer.sweep`` against a local
-  SeaweedFS started for the run, with the writer's direct S3 client and with boto3 only.
+  SeaweedFS started for the run, through the writer's one S3 client.
 
 Targets (DESIGN.md): full path >= 0.6x the limit, HDF5 part >= 0.5x the bulk write,
 sweep >= 500 objects/s.  Run: ``.venv/bin/python bench/writer.py`` (``--quick`` for a
@@ -168,11 +168,11 @@ def naive_rows(path: Path, built: BatchRows) -> None:
 # --- objects/s through the sweep ------------------------------------------------------------
 
 
-def sweep_rate(objects: int, work: Path, direct: bool) -> tuple[float, float, float]:
+def sweep_rate(objects: int, work: Path) -> tuple[float, float, float]:
     """(objects/s, writer CPU ms/object, S3 server CPU ms/object)."""
     import resource
 
-    server = SeaweedS3(data_dir=work / f"s3-{direct}", access_key="bench",
+    server = SeaweedS3(data_dir=work / "s3", access_key="bench",
                        secret_key="bench-" + uuid.uuid4().hex)
     server.start()
     try:
@@ -189,9 +189,10 @@ def sweep_rate(objects: int, work: Path, direct: bool) -> tuple[float, float, fl
 
         with ThreadPoolExecutor(8) as pool:
             list(pool.map(put, bodies))
+        (work / "sweep").mkdir()
         settings = Settings(
             log="", loglevel="warning", station_list=work / "stations.csv",
-            data_dir=work / f"sweep-{direct}", minimum_year=2020, writer_sleep=1,
+            data_dir=work / "sweep", minimum_year=2020, writer_sleep=1,
             bucket_endpoint=server.endpoint, bucket_name="bench", bucket_region="us-east-1",
             max_body_bytes=1 << 20, aws_access_key_id=server.access_key,
             aws_secret_access_key=server.secret_key,
@@ -304,18 +305,15 @@ def main() -> int:
     lines.append(Line("naive: PyTables row by row, flush per event", args.events / naive,
                       "events/s", f"HDF5 part is {naive / hdf5_part:.1f}x faster"))
 
-    for direct in (True, False):
-        rate, writer_cpu, server_cpu = sweep_rate(args.objects, work, direct)
-        how = "direct S3" if direct else "boto3 only"
-        figures[f"sweep objects/s ({how})"] = rate
-        # What the CPU cost allows when the machine is not shared (load moves the rate).
-        cpus = os.cpu_count() or 1
-        capacity = cpus * 1000 / (writer_cpu + server_cpu)
-        figures[f"CPU ms/object, writer + S3 server ({how})"] = writer_cpu + server_cpu
-        lines.append(Line(f"sweep of 1-event objects ({how}; CPU/object: writer "
-                          f"{writer_cpu:.2f} ms + S3 server {server_cpu:.2f} ms: "
-                          f"{cpus} idle CPUs allow {capacity:.0f}/s)",
-                          rate, "objects/s", f"{rate / 500:.2f}x the target of 500"))
+    rate, writer_cpu, server_cpu = sweep_rate(args.objects, work)
+    figures["sweep objects/s"] = rate
+    # What the CPU cost allows when the machine is not shared (load moves the rate).
+    cpus = os.cpu_count() or 1
+    capacity = cpus * 1000 / (writer_cpu + server_cpu)
+    figures["CPU ms/object, writer + S3 server"] = writer_cpu + server_cpu
+    lines.append(Line(f"sweep of 1-event objects (CPU/object: writer {writer_cpu:.2f} ms + "
+                      f"S3 server {server_cpu:.2f} ms: {cpus} idle CPUs allow {capacity:.0f}/s)",
+                      rate, "objects/s", f"{rate / 500:.2f}x the target of 500"))
 
     load = os.getloadavg()
     print(f"\nwriter benchmark: {args.events}-event CIC batches with 4 traces "
