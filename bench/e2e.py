@@ -18,7 +18,7 @@ holds the lock long enough to slow the writer it measures, so the ledger's own
 timestamps are used.  The rows under ``/hisparc`` are counted with PyTables and must
 equal what was sent.
 
-Targets (DESIGN.md / issue 6): p50 below 1 s, p99 below 3 s at 100 stations.
+Targets (docs/ARCHITECTURE.md): p50 below 1 s, p99 below 3 s at 100 stations.
 Run: ``.venv/bin/python bench/e2e.py`` (``--duration 10`` for a quick look).
 """
 

@@ -1,6 +1,6 @@
 """Writer memory: peak RSS against the largest batch it decodes.
 
-Target (DESIGN.md): the writer's peak RSS stays below 4x the largest batch it decodes
+Target (docs/ARCHITECTURE.md): the writer's peak RSS stays below 4x the largest batch it decodes
 plus a fixed base.  Measured in a fresh process per scenario, through the real path
 (``writer.sweep`` against a local SeaweedFS: list, get, decode, rows, HDF5, archive):
 

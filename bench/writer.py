@@ -18,7 +18,7 @@ What is measured, all in this process and this run (best of ``--repeat``):
 - objects/s: 1-event CIC batches (with traces) through ``writer.sweep`` against a local
   SeaweedFS started for the run, through the writer's one S3 client.
 
-Targets (DESIGN.md): full path >= 0.6x the limit, HDF5 part >= 0.5x the bulk write,
+Targets (docs/ARCHITECTURE.md): full path >= 0.6x the limit, HDF5 part >= 0.5x the bulk write,
 sweep >= 500 objects/s.  Run: ``.venv/bin/python bench/writer.py`` (``--quick`` for a
 smaller run).  Figures depend on what else the machine is doing: the load average is
 printed with them.

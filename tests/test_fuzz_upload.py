@@ -1009,7 +1009,7 @@ class CoreTarget:
 
     def send(self, body: bytes, content_type: str) -> Reply:
         answer = core.handle_upload(body, content_type, self.stations, self,
-                                    self.settings, dt.datetime.now(dt.UTC))
+                                    self.settings.minimum_year, dt.datetime.now(dt.UTC))
         if answer.code == "100":
             assert answer.key in self.puts
         return Reply(answer.code, answer.http_status)

@@ -1,6 +1,6 @@
 """Memory a payload can make the decoder spend (docs/SECURITY.md, residual risk R1).
 
-DESIGN.md's target: the writer's peak RSS stays below 4x the largest batch it decodes
+The target (docs/ARCHITECTURE.md): the writer's peak RSS stays below 4x the largest batch it decodes
 plus a fixed base.  Batches with traces meet it with room to spare (about 2.5-3.3x for
 1,000 events).  Batches without traces do not, and cannot: a pickle of small numbers is
 already compact, and Python objects are not (measured 2-16x, numpy flavour highest).
@@ -36,7 +36,7 @@ from hisparc_datastore.format.payload import PayloadError, decode_batch
 pytestmark = pytest.mark.skipif(not Path("/proc/self/status").exists(),
                                 reason="measures the peak with Linux's /proc/self/status")
 
-#: DESIGN.md: "below 4x the largest batch it decodes plus a fixed base".
+#: docs/ARCHITECTURE.md: "below 4x the largest batch it decodes plus a fixed base".
 FACTOR = 4
 BASE = 16 * 1024 * 1024
 HOSTILE_SIZE = 4_000_000

@@ -85,7 +85,7 @@ def stations(settings: Settings) -> StationList:
 def upload(stations: StationList, bucket: Bucket, settings: Settings):
     def send(body: bytes, content_type: str = FORM, store: object = None) -> core.UploadAnswer:
         return core.handle_upload(
-            body, content_type, stations, store or bucket, settings, NOW
+            body, content_type, stations, store or bucket, settings.minimum_year, NOW
         )
 
     return send

@@ -134,7 +134,7 @@ def _answer(request: flask.Request) -> tuple[core.UploadAnswer, bool]:
         request.headers.get("Content-Type", ""),
         STATIONS,
         STORE,
-        SETTINGS,
+        SETTINGS.minimum_year,
         dt.datetime.now(dt.UTC),
     )
     return answer, False

@@ -42,7 +42,6 @@ from typing import Protocol
 
 import numpy as np
 
-from hisparc_datastore.config import Settings
 from hisparc_datastore.format.keys import incoming_key, suspicious_key
 from hisparc_datastore.format.payload import PayloadError, decode_batch, is_suspicious
 from hisparc_datastore.stations import Station
@@ -326,10 +325,14 @@ def handle_upload(
     content_type: str,
     stations: StationLookup,
     store: Store,
-    settings: Settings,
+    minimum_year: int,
     now: dt.datetime,
 ) -> UploadAnswer:
-    """Answer one station upload; store the verified pickle bytes before answering 100."""
+    """Answer one station upload; store the verified pickle bytes before answering 100.
+
+    ``minimum_year`` is ``[General] minimum_year``: a batch with an event before it is
+    stored under ``suspicious/`` instead of ``incoming/``.
+    """
     nbytes = len(body)
 
     def refuse(
@@ -387,7 +390,7 @@ def handle_upload(
         )
 
     # 6. Store, then answer.
-    suspicious = is_suspicious(events, settings.minimum_year)
+    suspicious = is_suspicious(events, minimum_year)
     key = (suspicious_key if suspicious else incoming_key)(number, digest)
     try:
         store.put(key, pickled, metadata_for(station, len(events), now))
