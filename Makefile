@@ -50,5 +50,11 @@ run: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/run.py
 
+# The event-type tables of docs/FORMAT.md, generated from src/hisparc_datastore/format/schema.py
+# (tests/test_format_doc.py fails until they are regenerated after a schema change).
+.PHONY: format-doc
+format-doc: $(STAMP)
+	$(BIN)/python -m hisparc_datastore_dev.format_doc
+
 clean:
 	rm -rf $(VENV) $(SYSTEM_VENV) .pytest_cache .ruff_cache

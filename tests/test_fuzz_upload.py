@@ -14,8 +14,8 @@ Every case, whatever it is, must get one of the protocol codes (``100 201 203 20
 or a traceback, must store nothing unless the answer is ``100`` (the bucket is listed
 before and after), must never create the hostile corpus's marker file, and the endpoint
 must go on storing a valid station's batch (checked every ``PROBE_EVERY`` cases and at the
-end of each test).  Where the spec fixes the answer (the check order of spec section 1,
-or whether a pickled structure holds only allowed types) the exact code is asserted.
+end of each test).  Where the format fixes the answer (the check order of docs/FORMAT.md
+1.4, or whether a pickled structure holds only allowed types) the exact code is asserted.
 
 Strategies: arbitrary bodies; well-formed forms with arbitrary field values; valid
 pickles mutated (bit flips, truncation, splicing, inserted opcodes); random opcode
@@ -78,7 +78,7 @@ from hisparc_datastore.upload import protocol as core
 
 # --- the contract ----------------------------------------------------------------------
 
-#: What a station may be answered (spec section 1).
+#: What a station may be answered (docs/FORMAT.md, section 1).
 PROTOCOL_CODES = frozenset({"100", "201", "203", "206", "208", "400"})
 #: Codes for server-side trouble (bucket down, a defect of ours): never for client input.
 SERVER_TROUBLE = frozenset({"205", "404"})
@@ -188,7 +188,7 @@ _NOTHING = object()
 
 @dataclass(frozen=True)
 class Case:
-    """One request and what the spec allows as its answer.
+    """One request and what the format allows as its answer.
 
     ``pickled`` is the pickle the checksum names (stored byte for byte on ``100``);
     ``original`` the Python value it was made from, when the decoded batch must equal it.
@@ -244,7 +244,7 @@ def accepted_passwords(password: str) -> set[bytes]:
 
 def spec_answer(fields: dict[str, bytes], checksum_ok: bool, decodes: frozenset[str]
                 ) -> frozenset[str]:
-    """The answer spec section 1 prescribes, in its order of checks.
+    """The answer docs/FORMAT.md, section 1 prescribes, in its order of checks.
 
     ``fields`` are the first occurrences as the server decodes them.  A missing field is
     400; a field that is there but empty fails the check that reads it (upload.py's
@@ -862,7 +862,7 @@ def _int_survives(number: int, protocol: int) -> bool:
 
 
 def allowed_batch(value: Any, protocol: int) -> bool:
-    """Whether the payload rules (spec section 2, payload.py) accept this value."""
+    """Whether the payload rules (docs/FORMAT.md, section 2, payload.py) accept this value."""
     if type(value) is not list or any(type(event) is not dict for event in value):
         return False
     stack: list[tuple[Any, int]] = [(value, 1)]
@@ -917,7 +917,7 @@ def structure_cases(draw: st.DrawFn) -> Case:
     if shape == "batch":
         value = draw(st.lists(st.dictionaries(keys, _trees(leaves, keys), max_size=4),
                               max_size=4))
-    elif shape == "events":  # the spec's event shape with arbitrary values in it
+    elif shape == "events":  # the format's event shape with arbitrary values in it
         item = st.fixed_dictionaries({"data_uploadcode": st.text(max_size=6), "data": leaves})
         event = st.fixed_dictionaries({
             "header": st.fixed_dictionaries({"eventtype_uploadcode": st.text(max_size=4),
@@ -1057,7 +1057,7 @@ def check_case(target: Target, case: Case, before: Snapshot) -> tuple[Reply, Sna
     assert reply.code not in SERVER_TROUBLE, f"server trouble {reply} for {case!r:.300}"
     assert reply.code in PROTOCOL_CODES, f"not a protocol code: {reply} for {case!r:.300}"
     assert reply.code in case.expected, (
-        f"answered {reply.code}, the spec says {sorted(case.expected)}: {case!r:.400}")
+        f"answered {reply.code}, the format says {sorted(case.expected)}: {case!r:.400}")
     assert reply.status == 200, f"HTTP {reply.status} for {case!r:.300}"
     assert reply.content_type.startswith("text/plain")
     assert not MARKER.exists(), f"something ran the marker's code: {case!r:.300}"

@@ -1,4 +1,5 @@
-"""Events to rows: spec section 4's semantics, the skip rules, and the blob order.
+"""Events to rows: the semantics of docs/FORMAT.md (2.5 and 4), the skip rules, and the
+blob order.
 
 Besides hand-written cases, every event type from ``samples`` is checked against a
 deliberately naive oracle: one row at a time, one item at a time, as the reference

@@ -1,4 +1,4 @@
-"""Sample events: every type and upload code of the spec, values that fit the columns,
+"""Sample events: every type and upload code of the format, values that fit the columns,
 realistic traces, reproducible from a seed."""
 
 from __future__ import annotations
@@ -131,7 +131,7 @@ def test_traces_look_like_hisparc_traces() -> None:
 
 
 def test_trace_size_is_realistic() -> None:
-    """The spec's example: 36 coincidences (two-detector station) in ~137 kB of pickle."""
+    """A real station's batch: 36 coincidences (two-detector station) in ~137 kB of pickle."""
     blob = samples.make_trace(random.Random(7))
     assert 800 <= len(blob) <= 3000
 

@@ -1,6 +1,6 @@
-"""The declarative schema against the contract: spec sections 5 and 6, written out here.
+"""The declarative schema against the contract (docs/FORMAT.md, section 4.6), written out here.
 
-The expectations are literal (not parsed from the spec at test time), one line per column
+The expectations are literal (not parsed from the docs at test time), one line per column
 and per upload code, so a change to the schema that readers would notice fails here.
 """
 
@@ -484,8 +484,8 @@ TYPE_EXPECTATIONS = {
     'LIT': ('lightning', False, set(), {
         'LIT_CORR_DIST': 'corr_distance',
         'LIT_UNCORR_DIST': 'uncorr_distance',
-        'LIT_UNCORR_ANGLE': 'uncorr_angle',  # fixed (spec section 7)
-        'LIT_CORR_ANGLE': 'corr_angle',  # fixed (spec section 7)
+        'LIT_UNCORR_ANGLE': 'uncorr_angle',  # fixed (docs/FORMAT.md, section 5)
+        'LIT_CORR_ANGLE': 'corr_angle',  # fixed (docs/FORMAT.md, section 5)
     }),
     'LER': ('lightning_errors', False, {'LER_ERRMSG'}, {
         'LER_ERRMSG': 'messages',
@@ -500,7 +500,7 @@ TYPE_EXPECTATIONS = {
         'LCG_LATITUDE': 'latitude',
         'LCG_LONGITUDE': 'longitude',
         'LCG_ALTITUDE': 'altitude',
-        'LCG_SQUELCH_SETTING': 'squelch_seting',  # fixed (spec section 7)
+        'LCG_SQUELCH_SETTING': 'squelch_seting',  # fixed (docs/FORMAT.md, section 5)
         'LCG_CLOSE_ALARM_DISTANCE': 'close_alarm_distance',
         'LCG_SEVERE_ALARM_DISTANCE': 'severe_alarm_distance',
         'LCG_NOISE_BEEP': 'noise_beep',
@@ -511,7 +511,7 @@ TYPE_EXPECTATIONS = {
         'LST_CLOSE_RATE': 'close_rate',
         'LST_TOTAL_RATE': 'total_rate',
         'LST_CLOSE_ALARM': 'close_alarm',
-        'LST_SEVERE_ALARM': 'sever_alarm',  # fixed (spec section 7)
+        'LST_SEVERE_ALARM': 'sever_alarm',  # fixed (docs/FORMAT.md, section 5)
         'LST_CURR_HEADING': 'current_heading',
     }),
     'LNS': ('lightning_noise', False, set(), {

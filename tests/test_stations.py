@@ -79,3 +79,11 @@ def test_missing_file_at_start_gives_an_empty_list(tmp_path: Path) -> None:
     stations = StationList(tmp_path / "absent.csv")
     assert stations.get(501) is None
     assert len(stations) == 0
+
+
+def test_station_numbers_beyond_uint32_are_refused(caplog) -> None:  # type: ignore[no-untyped-def]
+    from hisparc_datastore.stations import MAX_STATION, parse_station_list
+
+    parsed = parse_station_list(f"{MAX_STATION},Big,pw\n{MAX_STATION + 1},Too big,pw\n")
+    assert list(parsed) == [MAX_STATION]
+    assert "larger than" in caplog.text

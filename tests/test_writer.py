@@ -100,7 +100,7 @@ def assert_event_ids_sequential(data_dir: Path) -> None:
 
 
 def expected_row(event: dict[str, Any]) -> tuple[str, dict[str, Any], dict[tuple, bytes]]:
-    """(table, column values, blob bytes per (column, element)) per spec section 4."""
+    """(table, column values, blob bytes per (column, element)), per docs/FORMAT.md 2.5, 4."""
     event_type = schema.EVENT_TYPES[event["header"]["eventtype_uploadcode"]]
     values: dict[str, Any] = {}
     for column in event_type.columns:
@@ -716,3 +716,11 @@ def test_large_objects_are_archived_by_server_side_copy(
     archived = bucket.get(archive_key(key, RECEIVED))
     assert archived.body == original.body and archived.metadata == original.metadata
     assert keys_under(bucket, "incoming/") == []
+
+
+def test_a_station_number_beyond_uint32_is_bad_metadata() -> None:
+    from hisparc_datastore.stations import MAX_STATION
+
+    with pytest.raises(BadOrigin, match="larger than"):
+        object_origin("incoming/x.pickle", {"station": str(MAX_STATION + 1),
+                                            "cluster": "Amsterdam"}, lambda number: None)

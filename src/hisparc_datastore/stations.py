@@ -19,6 +19,9 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
+#: Station numbers are stored as uint32 (the ingest ledger's ``station`` column).
+MAX_STATION = 2**32 - 1
+
 
 @dataclass(frozen=True)
 class Station:
@@ -51,6 +54,10 @@ def parse_station_list(text: str, source: str = "station list") -> dict[int, Sta
             log.error("%s line %d: empty cluster name; skipped", source, line_number)
             continue
         number = int(number_text)
+        if number > MAX_STATION:
+            log.error("%s line %d: station number %d is larger than %d; skipped",
+                      source, line_number, number, MAX_STATION)
+            continue
         if number in stations:
             log.warning("%s line %d: station %d listed again; the later line wins",
                         source, line_number, number)

@@ -1,9 +1,9 @@
 """Realistic, reproducible station events for tests, benchmarks and the station simulator.
 
-Events have the shape of spec section 2 and use every upload code of spec section 5 (with
-the intended codes of the lightning types, see spec section 7), with values that fit the
-column dtypes of spec section 6.  Everything is driven by one ``random.Random``, so the
-same seed gives the same batch, byte for byte once pickled.
+Events have the shape of docs/FORMAT.md, section 2, and use every upload code of its
+section 4.6 (with the intended codes of the lightning types, see its section 5), with
+values that fit the column dtypes listed there.  Everything is driven by one
+``random.Random``, so the same seed gives the same batch, byte for byte once pickled.
 
 Traces follow the HiSPARC digitiser: 2.5 ns per sample and a 6 us window (1 us before the
 trigger, 1.5 us coincidence window, 3.5 us after it), hence 2,400 samples per channel,
@@ -282,7 +282,7 @@ UPLOAD_CODES: dict[str, tuple[str, ...]] = {
     **{kind: tuple(code for code, _ in codes) for kind, codes in _TYPE_CODES.items()},
 }
 
-#: Event types whose header carries sub-second time in ``nanoseconds`` (spec section 5).
+#: Event types whose header carries sub-second time in ``nanoseconds`` (docs/FORMAT.md, 4.6).
 EXTENDED_TIME: frozenset[str] = frozenset({"CIC", "CMP"})
 
 
@@ -456,7 +456,7 @@ def realistic_batch(
     One singles (SIN) message per second, coincidences (CIC, with traces) as a Poisson
     process of ``coincidence_rate`` per second, and per second a chance
     ``occasional_rate`` of one other message (CFG, ERR, CMP, SAT or WTR).  With the
-    defaults 100 events span about 70 s and hold about a third CIC, like the spec's example.
+    defaults 100 events span about 70 s and hold about a third CIC, like a real station's batch.
     """
     events: list[tuple[datetime, Event]] = []
     second = 0

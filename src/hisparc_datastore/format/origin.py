@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from hisparc_datastore.format.keys import station_from_key
 from hisparc_datastore.format.payload import decode_batch
 from hisparc_datastore.format.rows import BatchPart, Context, SkipReport, split_by_day
+from hisparc_datastore.stations import MAX_STATION
 
 #: A station's cluster from the station list (None: not listed).
 ClusterLookup = Callable[[int], str | None]
@@ -53,6 +54,8 @@ def object_origin(
         raise NoCluster(f"no station number in the metadata or the key of {key}")
     if in_key is not None and station != in_key:
         raise BadOrigin(f"metadata station {station} differs from the key's {in_key}")
+    if station > MAX_STATION:
+        raise BadOrigin(f"station {station} is larger than {MAX_STATION}")
     cluster = urllib.parse.unquote(metadata.get("cluster", "")).strip()
     if any(c == "/" or ord(c) < 0x20 or ord(c) == 0x7F for c in cluster):
         raise BadOrigin(f"cluster {cluster!r} cannot name an HDF5 group")

@@ -18,13 +18,13 @@ payload passes three gates, each cheap next to the unpickling itself:
    blow up the memo, ints wider than 128 bits, over 10,000 tuples other than call
    arguments, protocols above 5, bytes after STOP, and more than one container per 4 bytes.
 2. **Restricted unpickling** by CPython's C unpickler, whose ``find_class`` knows exactly
-   the globals real stations use (spec section 2) and maps each to a stand-in that checks
-   its arguments: numpy's own unpickling machinery never runs on network data.
+   the globals real stations use (docs/FORMAT.md, section 2) and maps each to a stand-in
+   that checks its arguments: numpy's own unpickling machinery never runs on network data.
 3. **Structure check**: a level-by-level walk in C-level iteration (no recursion: a million
-   levels of nesting cannot crash it) that allows only the spec's value types, bounds the
-   depth (which also stops reference cycles), and bounds the expanded size of the tree by
-   the input's size, so that shared references ("billion laughs") cost steps linear in the
-   input, here and in any caller iterating the batch.
+   levels of nesting cannot crash it) that allows only the payload's value types
+   (docs/FORMAT.md, 2.2), bounds the depth (which also stops reference cycles), and bounds
+   the expanded size of the tree by the input's size, so that shared references ("billion
+   laughs") cost steps linear in the input, here and in any caller iterating the batch.
 
 Memory: the unpickler's own memo stays below 16 MiB, and everything else it builds costs at
 most a fixed multiple of the input, about 50x: the scan allows one container per 4 bytes
@@ -544,8 +544,8 @@ def _empty_bytes() -> bytes:
     return b""
 
 
-#: (module, name) -> what ``find_class`` returns: the globals of spec section 2, and the
-#: one other global Python 3 needs for a value of the spec's types (``b""``, protocol <= 2).
+#: (module, name) -> what ``find_class`` returns: the globals of docs/FORMAT.md, section 2, and the
+#: one other global Python 3 needs for a value of the payload's types (``b""``, protocol <= 2).
 _GLOBALS: dict[tuple[str, str], _Global] = {
     ("datetime", "datetime"): _Global("datetime", _datetime),
     ("numpy.core.multiarray", "scalar"): _Global("scalar", _scalar),

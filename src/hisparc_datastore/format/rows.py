@@ -1,6 +1,6 @@
 """Events to table rows and blob payloads: the pure core of the writer (no I/O).
 
-The semantics are those of the reference writer (spec section 4), applied to a whole
+The semantics are those of the reference writer (docs/FORMAT.md, 2.5 and 4), applied to a whole
 batch at once: every row starts at its columns' fills, each datalist item sets one cell,
 blob values are appended to the station's ``blobs`` in event order then datalist order,
 and the cell holds the blob's index.  The differences are deliberate:

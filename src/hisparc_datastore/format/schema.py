@@ -4,10 +4,10 @@ Everything the writer needs about a type (its table, title, columns, fills, blob
 where each upload code lands) is written down once, here.  The numpy row dtype and the
 flat upload-code lookup are *derived* from that description, and the derivation checks
 that every upload code names a column that exists, so the mapping can never drift from
-the tables again (the reference's lightning mapping did: spec section 7).
+the tables again (the reference's lightning mapping did: docs/FORMAT.md, section 5).
 
 Column names, dtypes, shapes, fills and titles are the contract with PyTables readers
-(publicdb, SAPPHiRE): spec section 6.  ``timestamp`` is ``<i4`` on disk (the reference's
+(publicdb, SAPPHiRE): docs/FORMAT.md, 4.6.  ``timestamp`` is ``<i4`` on disk (the reference's
 Time32Col reads back as int32 through PyTables, and h5py cannot write Time32).
 """
 
@@ -56,7 +56,7 @@ class Field:
 class EventType:
     """An event type as declared: the source of truth for one table.
 
-    ``codes`` maps upload codes to columns exactly as spec section 5 lists them: indexed
+    ``codes`` maps upload codes to columns exactly as docs/FORMAT.md (4.6) lists them: indexed
     codes without their digit (``PH`` stands for ``PH1``..``PH4``).  ``blob_codes`` and
     ``base64_codes`` use the same digit-less names.
     """
@@ -92,7 +92,8 @@ class EventType:
         """Concrete upload code -> where it lands, with indexed codes expanded.
 
         ``PH`` on a shape-(4,) column becomes ``PH1``..``PH4`` (elements 0..3), the rule of
-        spec section 4.  Any other code, including ``PH5`` or a bare ``PH``, is not known.
+        docs/FORMAT.md, 2.5 and 4.  Any other code, including ``PH5`` or a bare ``PH``, is
+        not known.
         """
         return MappingProxyType(_expand_fields(self))
 
@@ -147,7 +148,7 @@ def _validate(event_type: EventType) -> None:
     event_type.dtype  # noqa: B018 - builds, so a bad dtype string fails here
 
 
-# -- column helpers: the spec's tables read almost literally --------------------------------
+# -- column helpers: the format's tables read almost literally ------------------------------
 
 def _b(name: str) -> Column:
     return Column(name, "bool", (), False)
@@ -468,7 +469,7 @@ _TYPES: tuple[EventType, ...] = (
         codes={
             "LIT_CORR_DIST": "corr_distance",
             "LIT_UNCORR_DIST": "uncorr_distance",
-            # The reference mapped these to 'uncorr_anlge'/'corr_anlge' (spec section 7).
+            # The reference mapped these to 'uncorr_anlge'/'corr_anlge' (docs/FORMAT.md, section 5).
             "LIT_UNCORR_ANGLE": "uncorr_angle",
             "LIT_CORR_ANGLE": "corr_angle",
         },

@@ -170,7 +170,8 @@ def import_file(bucket: Bucket, root: Path, folder: str, path: Path, report: Imp
               "received": metadata["received"],
               "imported": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")}
     bucket.put(marker, json.dumps(record).encode(), {"legacy-source": _ascii(name),
-                                                      "key": key})
+                                                      "key": key},
+               content_type="application/json")
     report.imported.append(key)
     report.events += batch.events
     return batch.events

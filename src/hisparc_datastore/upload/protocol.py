@@ -4,7 +4,7 @@ This is the functional core of the upload function.  It knows nothing about HTTP
 (``functions/upload/main.py`` adapts a request to :func:`handle_upload`), so every protocol
 decision is tested here directly against a real bucket, and the shell stays a few lines.
 
-The checks run in the order of the spec (section 1), because the station software only
+The checks run in the order of docs/FORMAT.md, section 1.4, because the station software only
 looks at the body code and the reference's order is what operators know from its logs:
 400 (form unusable), 206 (unknown station), 203 (wrong password), 201 (checksum), 208
 (not decodable), then the put and 100.  Every answer but 100 means "resend later" to a
@@ -16,7 +16,7 @@ pickle as latin-1 text (Python 3 clients, and Python 2 clients whose pickle is A
 wrong for a client that percent-encodes the raw bytes.  The md5 ``checksum`` was computed
 by the client over the real pickle bytes, so whichever reading matches it is the pickle.
 
-Decisions beyond the spec's table:
+Decisions beyond the answer table (docs/FORMAT.md, section 1.4):
 - A body that is not ``multipart/form-data`` is read as urlencoded whatever its declared
   type (the reference did the same); ``multipart/form-data`` is accepted as well, because
   splitting on its boundary is cheap and bounded.  The first of repeated fields counts.
@@ -47,7 +47,7 @@ from hisparc_datastore.format.payload import PayloadError, decode_batch, is_susp
 from hisparc_datastore.stations import Station
 from hisparc_datastore.storage.store import BucketError, Store
 
-# Answer codes (spec section 1).  Only the body matters to stations; 100 is success.
+# Answer codes (docs/FORMAT.md, section 1).  Only the body matters to stations; 100 is success.
 STORED = "100"
 CHECKSUM_MISMATCH = "201"
 WRONG_PASSWORD = "203"  # noqa: S105 - an answer code, not a password
@@ -348,7 +348,8 @@ def handle_upload(
     except FormError as exc:
         return refuse(BAD_REQUEST, str(exc))
     # Present but empty is not missing: each later check answers for its own field
-    # (an empty `data` is not a pickle: 208), as the spec's table lists the causes.
+    # (an empty `data` is not a pickle: 208), as the answer table (docs/FORMAT.md, 1.4)
+    # lists the causes.
     missing = [name for name in REQUIRED_FIELDS if name not in fields]
     if missing:
         return refuse(BAD_REQUEST, "missing field " + ", ".join(missing))
@@ -421,7 +422,7 @@ def too_large(nbytes: int | None, limit: int) -> UploadAnswer:
     """The answer to a body over ``[Upload] max_body_bytes``, decided before reading it.
 
     HTTP 413 says what happened to proxies and people; the body ``400`` is what the
-    station software reads (it ignores the status) and is the spec's "body unreadable".
+    station software reads (it ignores the status) and is the answer table's "body unreadable".
     """
     size = "unknown size" if nbytes is None else f"{nbytes} bytes"
     return UploadAnswer(

@@ -48,7 +48,8 @@ class RecordStore(Protocol):
     """What the records need of the bucket."""
 
     def get(self, key: str) -> StoredObject: ...
-    def put(self, key: str, body: bytes, metadata: dict[str, str]) -> str: ...
+    def put(self, key: str, body: bytes, metadata: dict[str, str],
+            content_type: str = ...) -> str: ...
     def delete(self, key: str) -> None: ...
     def list(self, prefix: str) -> Iterator[ObjectInfo]: ...
 
@@ -218,7 +219,7 @@ class RetryBook:
                              next_try=now + self.backoff.delay(attempts))
         with self._lock:
             self._records[key] = record
-        self.store.put(key, record.to_json(), {})
+        self.store.put(key, record.to_json(), {}, content_type="application/json")
         return record
 
     def cleared(self, subject: Subject, name: str) -> None:
