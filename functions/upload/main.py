@@ -39,6 +39,7 @@ import time
 import flask
 import functions_framework
 
+from hisparc_datastore import metrics
 from hisparc_datastore.config import ConfigError, Settings, load_settings
 from hisparc_datastore.format import payload
 from hisparc_datastore.logs import setup_logging
@@ -160,7 +161,20 @@ def upload(request: flask.Request) -> flask.Response:
             answer, unread = core.UploadAnswer(
                 code=core.TRANSACTION_FAILED, http_status=503, reason="internal error"
             ), True
-    milliseconds = (time.perf_counter() - started) * 1000
+    seconds = time.perf_counter() - started
+    _count(answer, seconds)
     level = logging.INFO if answer.http_status < 500 else logging.WARNING
-    log.log(level, "%s", core.log_line(answer, milliseconds))
+    log.log(level, "%s", core.log_line(answer, seconds * 1000),
+            extra={"fields": core.log_fields(answer, seconds * 1000)})
     return _response(answer.code, answer.http_status, streamed=unread)
+
+
+def _count(answer: core.UploadAnswer, seconds: float) -> None:
+    """The upload's metrics (hisparc_datastore.metrics): answers, sizes, latency, stations."""
+    metrics.UPLOADS.labels(answer.code).inc()
+    metrics.UPLOAD_SECONDS.observe(seconds)
+    metrics.UPLOAD_BYTES.observe(answer.nbytes)
+    if answer.code == core.STORED:
+        metrics.UPLOAD_EVENTS.observe(answer.events)
+        if answer.station is not None:
+            metrics.STATION_LAST_UPLOAD.labels(str(answer.station)).set(time.time())

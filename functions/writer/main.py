@@ -44,6 +44,7 @@ from typing import Any
 import flask
 import functions_framework
 
+from hisparc_datastore import metrics
 from hisparc_datastore.config import ConfigError, Settings, load_settings
 from hisparc_datastore.format import payload
 from hisparc_datastore.logs import setup_logging
@@ -149,15 +150,18 @@ def _handle(request: flask.Request) -> tuple[int, dict[str, Any], str]:
 
     if notification.sweep:
         state = SERVICE.request_sweep(notification.sweep_limit)
-        return 202, {"sweep": state}, f"sweep: {state}"
+        return 202, {"sweep": state, "_kind": "sweep"}, f"sweep: {state}"
 
     keys = [ref.key for ref in notification.keys]
     if not keys:
-        return 200, {"keys": 0}, f"{notification.kind}: nothing to do{ignored}"
+        return (200, {"keys": 0, "_kind": notification.kind},
+                f"{notification.kind}: nothing to do{ignored}")
     result = SERVICE.notify(keys)
+    fields = {"keys": keys[:20], "archived": len(result.archived), "rows": result.rows,
+              "outcome": "ok" if result.ok else "outage"}
     return (
         200 if result.ok else 503,
-        {"keys": len(keys), **result.as_dict()},
+        {"keys": len(keys), **result.as_dict(), "_kind": notification.kind, "_fields": fields},
         f"{notification.kind}: {len(keys)} keys{ignored}: {result.summary()}",
     )
 
@@ -186,6 +190,10 @@ def writer(request: flask.Request) -> flask.Response:
     if status == 401:
         headers = {"WWW-Authenticate": "Bearer"}
     milliseconds = (time.perf_counter() - started) * 1000
+    kind = str(document.pop("_kind", "error" if status >= 500 else "refused"))
+    metrics.NOTIFICATIONS.labels(kind, str(status)).inc()
     level = logging.INFO if status < 500 else logging.WARNING
-    log.log(level, "%s %d %.0f ms: %s", request.method, status, milliseconds, text)
+    log.log(level, "%s %d %.0f ms: %s", request.method, status, milliseconds, text,
+            extra={"fields": {"status": status, "kind": kind, "ms": round(milliseconds, 1),
+                              **document.pop("_fields", {})}})
     return _json(document, status, headers)

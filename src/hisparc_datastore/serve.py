@@ -41,6 +41,13 @@ puts them: ``$TMPDIR``, else ``/tmp``.  With a read-only root filesystem, mount 
 volume and point ``TMPDIR`` at it (the Knative manifests use ``/scratch``: Knative before
 1.13 refuses volumes mounted at ``/tmp``).
 
+Metrics (:mod:`hisparc_datastore.metrics`): before the function is imported, the launcher
+points ``PROMETHEUS_MULTIPROC_DIR`` at an empty directory under ``$TMPDIR`` (unless it is
+set), so gunicorn's workers share their counters; the arbiter process serves their sum on
+``METRICS_HOST``:``METRICS_PORT`` (default 0.0.0.0:9091; ``METRICS_PORT=0`` turns it off),
+a port the Knative Services do not route, so stations cannot reach it.  A worker that exits
+has its live gauges removed.
+
 Graceful shutdown on SIGTERM (in-flight requests finish within gunicorn's
 ``graceful_timeout``) and the arbiter's signal handling are gunicorn's own.
 """
@@ -49,9 +56,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import http.server
 import os
+import shutil
 import socket
 import sys
+import tempfile
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -75,6 +86,9 @@ LIMIT_REQUEST_FIELDS = 100
 LIMIT_REQUEST_FIELD_SIZE = 8190
 DEFAULT_HOST = "0.0.0.0"  # noqa: S104 - a container serves on all its interfaces
 DEFAULT_PORT = 8080
+METRICS_PORT_ENV = "METRICS_PORT"
+DEFAULT_METRICS_PORT = 9091
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 #: At most this much already-received request data is drained when a connection closes.
 DRAIN_CHUNK = 64 * 1024
 DRAIN_READS = 16
@@ -181,6 +195,8 @@ class ServeOptions:
     worker_timeout: int
     loglevel: str
     keepalive: int = DEFAULT_KEEPALIVE
+    metrics_host: str = DEFAULT_HOST
+    metrics_port: int = DEFAULT_METRICS_PORT
 
     def gunicorn(self) -> dict[str, Any]:
         """The gunicorn settings; ``timeout`` is the worker heartbeat, 0 (none) by default."""
@@ -196,6 +212,7 @@ class ServeOptions:
             "limit_request_line": LIMIT_REQUEST_LINE,
             "limit_request_fields": LIMIT_REQUEST_FIELDS,
             "limit_request_field_size": LIMIT_REQUEST_FIELD_SIZE,
+            "child_exit": _worker_exited,
         }
 
 
@@ -229,7 +246,68 @@ def options(args: argparse.Namespace, environ: Mapping[str, str]) -> ServeOption
         loglevel=environ.get("GUNICORN_LOG_LEVEL", "error"),
         keepalive=_positive(environ.get(KEEPALIVE_ENV, str(DEFAULT_KEEPALIVE)),
                             KEEPALIVE_ENV, int),
+        metrics_host=environ.get("METRICS_HOST", DEFAULT_HOST),
+        metrics_port=_port(environ.get(METRICS_PORT_ENV, str(DEFAULT_METRICS_PORT)),
+                           METRICS_PORT_ENV),
     )
+
+
+def _port(value: str, name: str) -> int:
+    if not value.isdigit() or int(value) > 65535:
+        raise ValueError(f"{name} = {value!r} must be a port number (0: none)")
+    return int(value)
+
+
+def _worker_exited(server: Any, worker: Any) -> None:
+    """gunicorn's ``child_exit`` hook: a dead worker's live gauges no longer count."""
+    if os.environ.get(MULTIPROC_ENV):
+        from hisparc_datastore import metrics
+
+        metrics.worker_exited(worker.pid)
+
+
+def prepare_metrics_dir() -> None:
+    """An empty directory for the workers' metric files, unless one is configured.
+
+    Set before anything imports prometheus_client: it chooses its storage at import.
+    Emptied on start, since a previous run's files would add their old counts.
+    """
+    directory = os.environ.get(MULTIPROC_ENV)
+    if directory:
+        shutil.rmtree(directory, ignore_errors=True)
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        return
+    os.environ[MULTIPROC_ENV] = tempfile.mkdtemp(prefix="datastore-metrics-")
+
+
+class _MetricsHandler(http.server.BaseHTTPRequestHandler):
+    """``GET /metrics``: every worker's values, summed (Prometheus' text format)."""
+
+    def do_GET(self) -> None:
+        if self.path.split("?", 1)[0] not in ("/metrics", "/"):
+            self.send_error(404)
+            return
+        from prometheus_client import CONTENT_TYPE_LATEST
+
+        from hisparc_datastore import metrics
+
+        body = metrics.exposition()
+        self.send_response(200)
+        self.send_header("Content-Type", CONTENT_TYPE_LATEST)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        return  # one line per scrape would drown the function's own log
+
+
+def serve_metrics(host: str, port: int) -> http.server.ThreadingHTTPServer:
+    """The metrics endpoint, on a thread of the arbiter (gunicorn's master process)."""
+    server = http.server.ThreadingHTTPServer((host, port), _MetricsHandler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
+    return server
 
 
 class FunctionApplication(gunicorn.app.base.BaseApplication):
@@ -269,8 +347,16 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"datastore serve: {exc}", file=sys.stderr)
         return 2
+    prepare_metrics_dir()
     # Imports the source (configuration is loaded there: an error exits with its message).
     app = functions_framework.create_app(settings.target, str(settings.source))
+    if settings.metrics_port:
+        try:
+            serve_metrics(settings.metrics_host, settings.metrics_port)
+        except OSError as exc:
+            print(f"datastore serve: metrics port {settings.metrics_port}: {exc}",
+                  file=sys.stderr)
+            return 2
     FunctionApplication(app, settings.gunicorn()).run()  # returns only by sys.exit
     return 0
 

@@ -45,6 +45,7 @@ class Served:
     port: int
     process: subprocess.Popen[bytes]
     log_path: Path
+    metrics_url: str | None = None  # the launcher's metrics endpoint, when it has one
 
     def alive(self) -> bool:
         return self.process.poll() is None
@@ -75,10 +76,20 @@ def spawn(command: Sequence[str], env: Mapping[str, str], log_path: Path,
 def start_function(source: Path | str, target: str, env: Mapping[str, str], log_path: Path,
                    *, name: str | None = None, port: int = 0, cwd: Path | None = None
                    ) -> Served:
-    """Serve ``target`` from ``source`` on loopback (``port`` 0: a free one); no waiting."""
+    """Serve ``target`` from ``source`` on loopback (``port`` 0: a free one); no waiting.
+
+    Its metrics endpoint gets a free port too, unless ``env`` names one (``METRICS_PORT``;
+    the launcher's default, 9091, would be taken by the second function on one machine).
+    """
     port = port or free_port()
+    env = dict(env)
+    env.setdefault("METRICS_HOST", LOOPBACK)
+    env.setdefault("METRICS_PORT", str(free_port()))
+    metrics_url = (f"http://{LOOPBACK}:{env['METRICS_PORT']}/metrics"
+                   if env["METRICS_PORT"] != "0" else None)
     process = spawn(serve_command(source, target, LOOPBACK, port), env, log_path, cwd)
-    return Served(name or target, f"http://{LOOPBACK}:{port}/", port, process, log_path)
+    return Served(name or target, f"http://{LOOPBACK}:{port}/", port, process, log_path,
+                  metrics_url)
 
 
 def wait_until_serving(served: Served, timeout: float = READY_TIMEOUT,

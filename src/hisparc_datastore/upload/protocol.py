@@ -433,6 +433,19 @@ def too_large(nbytes: int | None, limit: int) -> UploadAnswer:
     )
 
 
+def log_fields(answer: UploadAnswer, milliseconds: float) -> dict[str, object]:
+    """The log line's facts as fields, for a JSON log (``[General] log_format = json``)."""
+    fields: dict[str, object] = {
+        "station": answer.station, "code": answer.code, "events": answer.events,
+        "bytes": answer.nbytes, "ms": round(milliseconds, 1),
+    }
+    if answer.key:
+        fields["key"] = answer.key
+    if answer.reason:
+        fields["reason"] = answer.reason
+    return fields
+
+
 def log_line(answer: UploadAnswer, milliseconds: float) -> str:
     """The one log line per request: what an operator greps for, never a password."""
     parts = [

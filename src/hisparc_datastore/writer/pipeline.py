@@ -171,6 +171,10 @@ class WriteResult:
     rows: int = 0
     skipped_events: int = 0
     seconds: float = 0.0
+    #: per archived object: seconds from its arrival in the bucket to its rows committed
+    lags: list[float] = field(default_factory=list)
+    #: a sweep that listed all of incoming/: (objects there, age of the oldest in seconds)
+    backlog: tuple[int, float] | None = None
 
     @property
     def ok(self) -> bool:
@@ -195,6 +199,8 @@ class WriteResult:
         self.rows += other.rows
         self.skipped_events += other.skipped_events
         self.seconds += other.seconds
+        self.lags += other.lags
+        self.backlog = other.backlog or self.backlog
 
     def summary(self) -> str:
         errors = "".join(f"; {error}" for error in self.errors)
@@ -543,6 +549,9 @@ class _Run:
             if error is None:
                 archived.append(key)
                 self.book.cleared("object", key)
+                stored = item.stored
+                arrived = received_time(stored.metadata, stored.last_modified)
+                result.lags.append(max(time.time() - arrived.timestamp(), 0.0))
             elif isinstance(error, ObjectRefused) and self.bucket_answers():
                 self._object_trouble(item.stored, f"cannot archive: {short_reason(error)}",
                                      result)
@@ -1016,6 +1025,8 @@ def sweep(
         passed_over: dict[str, Deferral] = {}
         unseen = {r.name for r in records.records() if r.subject == "object"}
         complete = False
+        listed = 0
+        oldest: dt.datetime | None = None
 
         def wait_reason(key: str) -> Deferral | None:
             unseen.discard(key)
@@ -1027,10 +1038,13 @@ def sweep(
             return None
 
         def chunks() -> Iterator[list[ObjectInfo]]:
-            nonlocal remaining, complete
+            nonlocal remaining, complete, listed, oldest
             for window in station_windows(store.list(INCOMING)):
                 todo = []
                 for info in window:
+                    listed += 1
+                    if oldest is None or info.last_modified < oldest:
+                        oldest = info.last_modified
                     deferral = wait_reason(info.key)
                     if deferral is None:
                         todo.append(info)
@@ -1048,6 +1062,9 @@ def sweep(
 
         result = _pipeline(run, chunks(), should_stop)
         result.deferred = {**passed_over, **result.deferred}
+        if complete:
+            age = (dt.datetime.now(dt.UTC) - oldest).total_seconds() if oldest else 0.0
+            result.backlog = (listed, max(age, 0.0))
         if complete and not run.trouble and unseen:
             dropped = records.drop_orphans(unseen)
             if dropped:

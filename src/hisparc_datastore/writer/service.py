@@ -29,9 +29,11 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from hisparc_datastore import metrics
 from hisparc_datastore.config import Settings
+from hisparc_datastore.format.keys import FAILED
 from hisparc_datastore.storage.dayfile import day_file_path, held_open
-from hisparc_datastore.storage.store import Bucket
+from hisparc_datastore.storage.store import Bucket, BucketError
 from hisparc_datastore.writer.pipeline import (
     Deferral,
     WriteResult,
@@ -203,8 +205,24 @@ class WriterService:
         result = self._run(lambda progress: process_keys(
             keys, self._bucket(), self.settings, backoff=self.backoff, book=self.book(),
             progress=progress))
-        self.backlog.update(result)
+        self._took(result)
         return result
+
+    def _took(self, result: WriteResult) -> None:
+        """A run is done: its deferred objects join the backlog, its figures the metrics."""
+        self.backlog.update(result)
+        for outcome, found in (("archived", result.archived),
+                               ("already_done", result.already_done),
+                               ("quarantined", result.quarantined),
+                               ("deferred", result.deferred), ("refused", result.refused),
+                               ("failed", result.failed)):
+            if found:
+                metrics.OBJECTS.labels(outcome).inc(len(found))
+        if result.rows:
+            metrics.ROWS.inc(result.rows)
+        for lag in result.lags:
+            metrics.LAG_SECONDS.observe(lag)
+        metrics.WAITING_OBJECTS.set(len(self.backlog))
 
     def request_sweep(self, limit: int | None = None) -> str:
         """Ask the background thread for a sweep: ``started``, or ``running`` already."""
@@ -221,6 +239,7 @@ class WriterService:
         stalled = self.watchdog.stalled_for()
         thread_alive = self._thread is None or self._thread.is_alive()
         healthy = thread_alive and stalled < self.watchdog.stall_seconds
+        metrics.observe_volume(self.settings.data_dir)
         return healthy, {
             "healthy": healthy,
             "background_thread": "running" if thread_alive else "dead",
@@ -282,7 +301,7 @@ class WriterService:
         result = self._run(lambda progress: process_keys(
             due, self._bucket(), self.settings, backoff=self.backoff, book=self.book(),
             progress=progress))
-        self.backlog.update(result)
+        self._took(result)
         log.log(logging.INFO if result.ok else logging.WARNING,
                 "retry of %d waiting objects: %s", len(due), result.summary())
 
@@ -292,7 +311,16 @@ class WriterService:
             self._bucket(), self.settings, limit=limit, backoff=self.backoff,
             book=self.book(), waiting=self.backlog.waiting, progress=progress,
             should_stop=lambda: self._stop.is_set() or time.monotonic() > deadline))
-        self.backlog.update(result)
+        self._took(result)
+        if result.backlog is not None:
+            metrics.BACKLOG_OBJECTS.set(result.backlog[0])
+            metrics.BACKLOG_OLDEST.set(result.backlog[1])
+            metrics.LAST_SWEEP.set(time.time())
+            try:
+                metrics.FAILED_OBJECTS.set(sum(1 for _ in self._bucket().list(FAILED)))
+            except BucketError as exc:
+                log.warning("cannot count failed/: %s", exc)
+        metrics.observe_volume(self.settings.data_dir)
         log.log(logging.INFO if result.ok else logging.WARNING, "sweep: %s", result.summary())
         if result.deferred:
             log.info("sweep: %d objects wait: %s", len(result.deferred),
