@@ -210,3 +210,25 @@ def test_why_objects_wait_is_shown() -> None:
     assert "incoming/999/x.pickle attempt 1 of 12, next in 5 s" in text
     # Nothing waits: no section.
     assert "Waiting in" not in status.format_report(_report([]), NOW)
+
+
+def test_counters_from_the_metrics_endpoints_are_summed_and_shown() -> None:
+    text = """# HELP datastore_uploads_total Uploads answered
+# TYPE datastore_uploads_total counter
+datastore_uploads_total{code="100"} 41.0
+datastore_uploads_total{code="203"} 2.0
+datastore_writer_objects_total{outcome="archived"} 40.0
+datastore_writer_objects_total{outcome="deferred"} 1.0
+datastore_writer_rows_total 1234.0
+datastore_writer_lag_seconds_count 40.0
+datastore_writer_lag_seconds_sum 6.0
+"""
+    samples = status.parse_metrics(text) + status.parse_metrics(
+        'datastore_uploads_total{code="100"} 1.0\n')
+    lines = [" ".join(line.split()) for line in status.format_counters(samples)]
+    assert "uploads by answer 100 x42, 203 x2" in lines
+    assert "writer objects archived 40, deferred 1" in lines
+    assert "rows written 1234" in lines
+    assert "lag, bucket to HDF5 mean 0.15 s over 40 objects" in lines
+    assert status.format_counters([]) == []
+    assert status.read_metrics(["http://127.0.0.1:9/metrics"], timeout=0.2) == []

@@ -310,6 +310,76 @@ def format_waiting(report: StatusReport, now: dt.datetime) -> list[str]:
     return lines
 
 
+# ----------------------------------------------------------------------------- metrics
+
+#: Where a writer pod's own metrics are (the launcher's default port).
+DEFAULT_METRICS_URL = "http://127.0.0.1:9091/metrics"
+_SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{([^}]*)\})?\s+(\S+)$")
+_LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
+
+
+def parse_metrics(text: str) -> list[tuple[str, dict[str, str], float]]:
+    """Prometheus' text format: (name, labels, value) per sample; comments skipped."""
+    samples = []
+    for line in text.splitlines():
+        found = _SAMPLE.match(line.strip())
+        if found:
+            name, labels, number = found.groups()
+            try:
+                samples.append((name, dict(_LABEL.findall(labels or "")), float(number)))
+            except ValueError:
+                continue
+    return samples
+
+
+def read_metrics(urls: Sequence[str], timeout: float = 2.0
+                 ) -> list[tuple[str, dict[str, str], float]]:
+    """The samples of every endpoint that answers (an unreachable one adds nothing)."""
+    import urllib.request
+
+    samples = []
+    for url in urls:
+        try:
+            with urllib.request.urlopen(url, timeout=timeout) as answer:  # noqa: S310
+                samples += parse_metrics(answer.read().decode("utf-8", "replace"))
+        except (OSError, ValueError):
+            continue
+    return samples
+
+
+def format_counters(samples: Sequence[tuple[str, dict[str, str], float]]) -> list[str]:
+    """The functions' counters since they started (the same ones Prometheus scrapes)."""
+    if not samples:
+        return []
+
+    def total(name: str, label: str) -> dict[str, float]:
+        found: dict[str, float] = {}
+        for sample, labels, number in samples:
+            if sample == name:
+                key = labels.get(label, "")
+                found[key] = found.get(key, 0.0) + number
+        return found
+
+    def one(name: str) -> float:
+        return sum(number for sample, _, number in samples if sample == name)
+
+    lines = ["", "Counters since the functions started (their metrics endpoints)"]
+    uploads = total("datastore_uploads_total", "code")
+    if uploads:
+        lines.append("  uploads by answer  " + ", ".join(
+            f"{code} x{int(count)}" for code, count in sorted(uploads.items())))
+    objects = total("datastore_writer_objects_total", "outcome")
+    if objects:
+        lines.append("  writer objects     " + ", ".join(
+            f"{outcome} {int(count)}" for outcome, count in sorted(objects.items())))
+        lines.append(f"  rows written       {int(one('datastore_writer_rows_total'))}")
+    lagged = one("datastore_writer_lag_seconds_count")
+    if lagged:
+        mean = one("datastore_writer_lag_seconds_sum") / lagged
+        lines.append(f"  lag, bucket to HDF5  mean {mean:.2f} s over {int(lagged)} objects")
+    return lines if len(lines) > 2 else []
+
+
 def _below(path: Path, root: Path) -> str:
     try:
         return str(path.relative_to(root))
@@ -330,6 +400,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--days", type=int, default=DEFAULT_DAYS,
         help="newest day files to show, 0 for all (default: %(default)s)",
     )
+    parser.add_argument(
+        "--metrics", action="append", metavar="URL", default=None,
+        help="a function's metrics endpoint to show counters from (repeatable; default: "
+             "the local stack's, else the writer pod's own, " + DEFAULT_METRICS_URL + ")",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -342,5 +417,19 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"{exc}, or run `datastore local` (state in {args.state_dir})") from None
     bucket = Bucket.from_settings(settings, connect_timeout=3.0, read_timeout=20.0, max_attempts=2)
     report = collect(bucket, settings.data_dir, Backoff.from_settings(settings))
-    sys.stdout.write(format_report(report, dt.datetime.now(dt.UTC), args.days))
+    text = format_report(report, dt.datetime.now(dt.UTC), args.days)
+    counters = format_counters(read_metrics(args.metrics or _metrics_urls(args.state_dir)))
+    sys.stdout.write(text + ("\n".join(counters) + "\n" if counters else ""))
     return 0 if report.prefixes is not None else 1
+
+
+def _metrics_urls(state_dir: Path) -> list[str]:
+    """A running local stack's endpoints (``stack.json``), else the writer pod's own."""
+    import json
+
+    try:
+        info = json.loads((Path(state_dir) / "stack.json").read_text(encoding="utf-8"))
+        urls = [url for url in info.get("metrics", {}).values() if isinstance(url, str)]
+    except (OSError, ValueError, AttributeError):
+        urls = []
+    return urls or [DEFAULT_METRICS_URL]
