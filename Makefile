@@ -12,8 +12,12 @@ SYSTEM_BIN := $(SYSTEM_VENV)/bin
 SYSTEM_STAMP := $(SYSTEM_VENV)/.installed
 DECODING_TESTS := tests/test_payload.py tests/test_security_payload.py \
     tests/test_security_memory.py tests/test_py2pickle.py tests/test_upload.py
+# `make test` is the quick loop while developing: the checks and every test but the ones
+# marked `long` (fuzzing, fault injection, served timeouts, the local stack end to end),
+# which take more than half of the suite's time.  `make test-all` is what CI runs: all but
+# the `slow` soaks (pyproject.toml).
 
-.PHONY: venv test test-system-python lint run bench clean
+.PHONY: venv test test-all test-system-python lint run bench clean
 
 # The project and its development tools (dev/, a distribution of their own that the
 # images do not install), both editable.
@@ -25,9 +29,10 @@ $(STAMP): pyproject.toml dev/pyproject.toml
 
 venv: $(STAMP)
 
-test: $(STAMP)
-	$(BIN)/ruff check src dev functions tests bench
-	$(BIN)/lint-imports
+test: lint
+	$(BIN)/python -m pytest -m "not slow and not long"
+
+test-all: lint
 	$(BIN)/python -m pytest
 
 $(SYSTEM_STAMP): pyproject.toml dev/pyproject.toml
@@ -44,8 +49,9 @@ lint: $(STAMP)
 	$(BIN)/ruff check src dev functions tests bench
 	$(BIN)/lint-imports
 
+# Options for `datastore local` pass through: make run ARGS="--state-dir /tmp/x --stations 8"
 run: $(STAMP)
-	$(BIN)/datastore local
+	$(BIN)/datastore local $(ARGS)
 
 bench: $(STAMP)
 	$(BIN)/python bench/run.py

@@ -8,10 +8,13 @@ import pytest
 
 from hisparc_datastore.config import (
     DEFAULT_CONFIG_PATH,
+    DELEGATED_CREDENTIAL_VARIABLES,
     ConfigError,
+    Settings,
     config_path,
     env_name,
     load_settings,
+    require_s3_credentials,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -145,3 +148,83 @@ def test_anonymous_notifications_is_a_boolean_off_by_default(tmp_path: Path) -> 
                          ).writer_anonymous is True
     with pytest.raises(ConfigError, match=r"anonymous_notifications"):
         load_settings(env | {"DATASTORE_WRITER_ANONYMOUS_NOTIFICATIONS": "maybe"})
+
+
+# -- S3 credentials: refused early, by name, only where they are certainly missing ------
+
+
+def _settings(
+    tmp_path: Path, environ: dict[str, str], endpoint: str = "http://127.0.0.1:9000"
+) -> tuple[Settings, dict[str, str]]:
+    """Settings with the station list in ``tmp_path`` (where a stack's keys would be)."""
+    env = write(tmp_path, MINIMAL.replace("/tmp/stations.csv", str(tmp_path / "stations.csv")))
+    env |= {"DATASTORE_BUCKET_ENDPOINT": endpoint} | environ
+    return load_settings(env), env
+
+
+def test_static_keys_are_enough(tmp_path: Path) -> None:
+    settings, env = _settings(
+        tmp_path, {"AWS_ACCESS_KEY_ID": "key", "AWS_SECRET_ACCESS_KEY": "secret"}
+    )
+    require_s3_credentials(settings, env)
+
+
+def test_no_credentials_at_a_custom_endpoint_names_the_variables(tmp_path: Path) -> None:
+    settings, env = _settings(tmp_path, {})
+    with pytest.raises(ConfigError) as info:
+        require_s3_credentials(settings, env)
+    message = str(info.value)
+    assert "http://127.0.0.1:9000" in message
+    for variable in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+                     "AWS_WEB_IDENTITY_TOKEN_FILE", "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI"):
+        assert variable in message
+    assert "credentials.env" not in message  # no local stack here
+
+
+def test_one_key_without_the_other_is_refused_anywhere(tmp_path: Path) -> None:
+    for endpoint in ("", "http://127.0.0.1:9000"):
+        settings, env = _settings(tmp_path, {"AWS_ACCESS_KEY_ID": "key"}, endpoint)
+        with pytest.raises(ConfigError, match="AWS_ACCESS_KEY_ID is set but "
+                                              "AWS_SECRET_ACCESS_KEY is not"):
+            require_s3_credentials(settings, env)
+        settings, env = _settings(tmp_path, {"AWS_SECRET_ACCESS_KEY": "s"}, endpoint)
+        with pytest.raises(ConfigError, match="AWS_SECRET_ACCESS_KEY is set but "
+                                              "AWS_ACCESS_KEY_ID is not"):
+            require_s3_credentials(settings, env)
+
+
+@pytest.mark.parametrize("variable", list(DELEGATED_CREDENTIAL_VARIABLES))
+def test_delegated_sources_are_left_to_the_client(tmp_path: Path, variable: str) -> None:
+    settings, env = _settings(tmp_path, {variable: "/var/run/secrets/token"})
+    require_s3_credentials(settings, env)
+
+
+def test_on_aws_the_instance_metadata_may_hold_credentials(tmp_path: Path) -> None:
+    settings, env = _settings(tmp_path, {}, endpoint="")
+    require_s3_credentials(settings, env)
+
+
+def test_a_local_stacks_keys_are_pointed_at(tmp_path: Path) -> None:
+    keys = tmp_path / "credentials.env"
+    keys.write_text("export AWS_ACCESS_KEY_ID=local\n")
+    settings, env = _settings(tmp_path, {})
+    with pytest.raises(ConfigError) as info:
+        require_s3_credentials(settings, env)
+    assert f"`source {keys}`" in str(info.value)
+
+
+def test_json_log_lines_carry_their_fields(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import json
+    import logging
+
+    from hisparc_datastore.logs import JsonFormatter
+
+    record = logging.LogRecord("hisparc_datastore.upload.protocol", logging.INFO, __file__, 1,
+                               "upload station=%s", (501,), None)
+    record.fields = {"station": 501, "code": "100", "bytes": 1700, "events": 1, "ms": 2.5}
+    line = JsonFormatter().format(record)
+    document = json.loads(line)
+    assert "\n" not in line
+    assert document["message"] == "upload station=501" and document["level"] == "INFO"
+    assert {k: document[k] for k in ("station", "code", "bytes", "events", "ms")} == {
+        "station": 501, "code": "100", "bytes": 1700, "events": 1, "ms": 2.5}

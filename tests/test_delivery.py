@@ -64,6 +64,8 @@ except ImportError:
         verify,
     )
 
+pytestmark = pytest.mark.long
+
 SWEEP_TYPE = "org.hisparc.datastore.sweep"
 RECEIVED = dt.datetime(2024, 6, 4, 9, tzinfo=dt.UTC)
 JSON = {"Content-Type": "application/json"}

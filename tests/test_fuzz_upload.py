@@ -76,6 +76,8 @@ from hisparc_datastore.stations import StationList
 from hisparc_datastore.storage.store import Bucket, StoredObject
 from hisparc_datastore.upload import protocol as core
 
+pytestmark = pytest.mark.long
+
 # --- the contract ----------------------------------------------------------------------
 
 #: What a station may be answered (docs/FORMAT.md, section 1).

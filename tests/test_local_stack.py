@@ -32,6 +32,7 @@ import pytest
 from hisparc_datastore_dev import local
 
 from hisparc_datastore.config import load_settings, stack_environment
+from hisparc_datastore.stations import Station
 from hisparc_datastore.storage.store import Bucket
 from hisparc_datastore.writer.notifications import parse_notification
 
@@ -100,12 +101,96 @@ def test_state_dir_credentials_and_station_persist(tmp_path: Path) -> None:
     assert files.credentials.stat().st_mode & 0o777 == 0o600
     assert set(first) == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
                           "DATASTORE_WRITER_AUTH_TOKEN"}
-    station = local.ensure_station_list(files)
-    assert (station.number, station.cluster) == (501, "Amsterdam")
-    assert station.password
-    assert local.ensure_station_list(files) == station
-    files.stations.write_text("7001,Leiden,secret\n501,Amsterdam,x\n")
-    assert local.ensure_station_list(files).number == 7001  # a user's list is kept
+    stations = local.ensure_station_list(files, 3)
+    assert [(s.number, s.cluster) for s in stations] == [
+        (501, "Amsterdam"), (502, "Amsterdam"), (503, "Amsterdam")
+    ]
+    assert len({s.password for s in stations}) == 3 and all(s.password for s in stations)
+    assert files.stations.stat().st_mode & 0o777 == 0o600
+    assert local.ensure_station_list(files, 3) == stations
+    assert local.ensure_station_list(files, 1) == stations[:1]
+    more = local.ensure_station_list(files, 5)  # appended; the first three unchanged
+    assert more[:3] == stations and [s.number for s in more[3:]] == [504, 505]
+
+    # A user's list is kept as it is: new stations take the free numbers after it.
+    files.stations.write_text("7001,Leiden,secret\n501,Amsterdam,x")  # no final newline
+    chosen = local.ensure_station_list(files, 3)
+    assert [s.number for s in chosen] == [7001, 501, 502]
+    lines = files.stations.read_text().splitlines()
+    assert lines[:2] == ["7001,Leiden,secret", "501,Amsterdam,x"]
+    assert lines[2].startswith("502,Amsterdam,") and len(lines) == 3
+
+
+def test_a_stack_json_of_one_station_still_reads(tmp_path: Path) -> None:
+    """A stack started before stack.json listed several stations is still found."""
+    old = {"pid": 1, "upload_url": "u", "writer_url": "w", "s3_endpoint": "s", "bucket": "b",
+           "data_dir": "d", "config": "c", "station": 501, "password": "pw",
+           "children": {"seaweedfs": 2}}
+    local.StackFiles.at(tmp_path).info.write_text(json.dumps(old))
+    info = local.read_stack_info(tmp_path)
+    assert info is not None and info.children == {"seaweedfs": 2}
+    assert info.demo_stations() == [Station(501, "Amsterdam", "pw")]
+
+
+def test_the_banner_spells_datastore_as_it_can_be_typed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    venv = tmp_path / ".venv"
+    (venv / "bin").mkdir(parents=True)
+    script = venv / "bin" / "datastore"
+    script.write_text("#!/bin/sh\n")
+    script.chmod(0o755)
+
+    def spelled(environ: dict[str, str], prefix: Path = venv) -> str:
+        return local.datastore_command(environ, str(prefix), base_prefix="/usr")
+
+    assert spelled({"PATH": "/usr/bin"}) == ".venv/bin/datastore"  # make run: not active
+    assert spelled({"PATH": "/usr/bin", "VIRTUAL_ENV": str(venv)}) == "datastore"
+    assert spelled({"PATH": f"{venv / 'bin'}:/usr/bin"}) == "datastore"
+    assert spelled({"VIRTUAL_ENV": str(tmp_path / "other")}) == ".venv/bin/datastore"
+    assert local.datastore_command({}, "/usr", base_prefix="/usr") == "datastore"  # no venv
+    assert spelled({}, tmp_path / "no-script") == "datastore"
+
+
+def test_the_banner_lists_the_stations_and_commands_that_work(tmp_path: Path) -> None:
+    files = local.StackFiles.at(tmp_path / "state")
+    options = local.Options(state_dir=files.root)
+
+    def banner(count: int, datastore: str) -> str:
+        stations = [{"number": 500 + n, "cluster": "Amsterdam", "password": f"pw{n}"}
+                    for n in range(1, count + 1)]
+        info = local.StackInfo(
+            pid=1, upload_url="http://127.0.0.1:8080/", writer_url="http://127.0.0.1:8081/",
+            s3_endpoint="http://127.0.0.1:8333", bucket="hisparc-datastore",
+            data_dir=str(files.data), config=str(files.config), stations=stations,
+            children={},
+        )
+        return local.banner(info, files, options, datastore)
+
+    text = banner(3, ".venv/bin/datastore")
+    for n in (1, 2, 3):
+        assert re.search(rf"^  (demo stations)?\s+50{n}  Amsterdam  password pw{n}$", text, re.M)
+    lines = text.splitlines()
+    commands = [lines[n + 1].strip() for n, line in enumerate(lines)
+                if line.startswith("  # ")]
+    assert [command.split()[:2] for command in commands] == [
+        [".venv/bin/datastore", "simulate"], [".venv/bin/datastore", "simulate"],
+        [".venv/bin/datastore", "status"],
+    ]
+    assert "--stations 3 --rate 1 --duration 20" in commands[1]
+    assert all(f"--state-dir {files.root}" in command for command in commands)
+    assert "`. .venv/bin/activate`" in text
+    assert "`.venv/bin/datastore sweep`" in text
+
+    single = banner(1, "datastore")
+    assert "  demo station    501  Amsterdam  password pw1" in single
+    assert "activate" not in single and "--stations" not in single
+    assert "`datastore sweep`" in single
+
+    many = banner(6, "datastore")
+    assert "504  Amsterdam  password pw4" in many and "pw5" not in many
+    assert f"and 2 more in {files.stations}" in many
 
 
 def test_other_commands_find_the_stack_unless_told_otherwise(tmp_path: Path) -> None:
@@ -219,10 +304,11 @@ def process_groups() -> dict[int, list[int]]:
     return groups
 
 
-def expected_batches(seed: int, start: dt.datetime, size: int, count: int) -> list[list[dict]]:
+def expected_batches(seed: int, start: dt.datetime, size: int, count: int,
+                     station: int = 501) -> list[list[dict]]:
     from hisparc_datastore_dev import simulate
 
-    batches = simulate.station_batches(0, size, start, seed)
+    batches = simulate.station_batches(station, size, start, seed)
     return [next(batches) for _ in range(count)]
 
 
@@ -297,6 +383,7 @@ def stacks() -> Iterator[list[Stack]]:
         stack.clean_up()
 
 
+@pytest.mark.long
 @pytest.mark.timeout(300)
 def test_local_stack_end_to_end(tmp_path: Path, stacks: list[Stack]) -> None:
     import tables  # noqa: F401 (the read-back needs PyTables)
@@ -311,11 +398,19 @@ def test_local_stack_end_to_end(tmp_path: Path, stacks: list[Stack]) -> None:
     stack = Stack(state, tmp_path, "--sleep", "3600")
     stacks.append(stack)
     info = stack.info
-    assert info.station == 501
+    demo = info.demo_stations()
+    assert [station.number for station in demo] == [501, 502, 503]  # --stations 3
     banner = stack.output.read_text()
     assert info.upload_url in banner
-    assert f"password {info.password}" in banner
-    assert "datastore simulate" in banner and "datastore status" in banner
+    for station in demo:
+        assert f"{station.number}  Amsterdam  password {station.password}" in banner
+    # The banner's commands work as printed, from where the stack was started.
+    status_command = next(line.split() for line in banner.splitlines()
+                          if line.split()[1:2] == ["status"])
+    printed = subprocess.run(status_command, cwd=tmp_path, env=_environment(),
+                             capture_output=True, text=True, timeout=120, check=False)
+    assert printed.returncode == 0, f"{status_command}: {printed.stderr}"
+    assert "Bucket hisparc-datastore" in printed.stdout
 
     for flavour, start, seed in (("py2", py2_start, 1), ("py3", py3_start, 2)):
         result = datastore(
@@ -325,7 +420,7 @@ def test_local_stack_end_to_end(tmp_path: Path, stacks: list[Stack]) -> None:
         )
         assert result.returncode == 0, result.stdout + result.stderr
         assert re.search(rf"batches accepted\s+{count} of {count}", result.stdout)
-        assert re.search(r"answers\s+100 x2$", result.stdout, re.MULTILINE)
+        assert re.search(r"answers\s+100 \(stored\) x2$", result.stdout, re.MULTILINE)
 
     py2_batches = expected_batches(1, py2_start, size, count)
     py3_batches = expected_batches(2, py3_start, size, count)
@@ -356,6 +451,10 @@ def test_local_stack_end_to_end(tmp_path: Path, stacks: list[Stack]) -> None:
     for table, rows in expected.items():
         assert status_rows(result.stdout, table, day.isoformat()) == rows
     assert status_rows(result.stdout, "stations", day.isoformat()) == 1
+    # The functions' counters, read from the metrics endpoints the stack publishes.
+    assert set(info.metrics) == {"upload", "writer"}
+    assert "Counters since the functions started" in result.stdout
+    assert f"100 x{2 * count}" in result.stdout
 
     # Ctrl-C: everything stops, nothing is left running.
     children = info.children
@@ -371,7 +470,7 @@ def test_local_stack_end_to_end(tmp_path: Path, stacks: list[Stack]) -> None:
     # Second run on the same state dir: without the webhook, the sweep delivers.
     stack = Stack(state, tmp_path, "--no-webhook", "--sleep", "0.5")
     stacks.append(stack)
-    assert stack.info.password == info.password
+    assert stack.info.demo_stations() == demo  # the same numbers and passwords
     bucket = stack.bucket()
     assert sorted(item.key for item in bucket.list("archive/")) == archived
     again = read_station(day_file, "Amsterdam", 501)
@@ -379,24 +478,33 @@ def test_local_stack_end_to_end(tmp_path: Path, stacks: list[Stack]) -> None:
     for table in expected:
         assert (again[table] == content[table]).all()
 
+    # Three distinct stations, each with its own password and events.
     late_start = dt.datetime(2024, 3, 6, 0, 30, 0)
     result = datastore(
-        "simulate", "--state-dir", str(state), "--seed", "3", "--start",
+        "simulate", "--state-dir", str(state), "--stations", "3", "--seed", "3", "--start",
         late_start.isoformat(), "--batches", "1", "--batch-size", "25", cwd=tmp_path,
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    late = table_counts(expected_batches(3, late_start, 25, 1))
+    assert "as stations 501-503" in result.stdout
+    assert re.search(r"answers\s+100 \(stored\) x3$", result.stdout, re.MULTILINE)
     next_day = Path(stack.info.data_dir) / "2024" / "3" / "2024_3_6.h5"
-    wait_for("the new upload in HDF5", lambda: (c := read_station(next_day, "Amsterdam", 501))
-             and all(len(c.get(t, ())) == n for t, n in late.items()))
-    wait_for("the new upload archived",
-             lambda: len(list(bucket.list("archive/"))) == 2 * count + 1)
+    for number in (501, 502, 503):
+        late = table_counts(expected_batches(3, late_start, 25, 1, station=number))
+        wait_for(f"station {number}'s upload in HDF5",
+                 lambda number=number, late=late:
+                 (c := read_station(next_day, "Amsterdam", number))
+                 and all(len(c.get(t, ())) == n for t, n in late.items()))
+    late_events = sum(table_counts(expected_batches(3, late_start, 25, 1, station=n))["events"]
+                      for n in (501, 502, 503))
+    wait_for("the new uploads archived",
+             lambda: len(list(bucket.list("archive/"))) == 2 * count + 3)
     unchanged = read_station(day_file, "Amsterdam", 501)
     assert unchanged is not None
     assert all(len(unchanged[t]) == n for t, n in expected.items())
 
     result = datastore("status", "--state-dir", str(state), cwd=tmp_path)
-    assert status_rows(result.stdout, "events", "2024-03-06") == late["events"]
+    assert status_rows(result.stdout, "stations", "2024-03-06") == 3
+    assert status_rows(result.stdout, "events", "2024-03-06") == late_events
     assert status_rows(result.stdout, "events", "2024-03-05") == expected["events"]
 
     # kill -9 leaves the children running; the next start stops them and takes over.
@@ -408,7 +516,7 @@ def test_local_stack_end_to_end(tmp_path: Path, stacks: list[Stack]) -> None:
     assert "stopped what a killed run left behind" in stack.output.read_text()
     after = process_groups()
     assert not [pid for group in children.values() for pid in after.get(group, [])]
-    assert len(list(stack.bucket().list("archive/"))) == 2 * count + 1
+    assert len(list(stack.bucket().list("archive/"))) == 2 * count + 3
 
     children = stack.info.children
     stack.stop()

@@ -30,6 +30,8 @@ except ImportError:
     from notification_bodies import cloudevent_binary, minio_body  # type: ignore[no-redef]
     from reliability_support import make_batch, serve, store_batch  # type: ignore[no-redef]
 
+pytestmark = pytest.mark.long
+
 MONITORING = Path(__file__).resolve().parents[1] / "infra" / "monitoring"
 SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+(\S+)$")
 

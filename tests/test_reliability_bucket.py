@@ -37,6 +37,8 @@ from hisparc_datastore.config import Settings
 from hisparc_datastore.storage.store import Bucket
 from hisparc_datastore.writer.pipeline import RetryPolicy, process_keys, sweep
 
+pytestmark = pytest.mark.long
+
 FAST = RetryPolicy(delays=(0.05, 0.1))
 
 

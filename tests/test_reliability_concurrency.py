@@ -32,6 +32,8 @@ from reliability_support import (
 from hisparc_datastore.config import Settings
 from hisparc_datastore.storage.store import Bucket
 
+pytestmark = pytest.mark.long
+
 STATIONS = (501, 502, 7001)
 ROUNDS = 2
 BATCHES_PER_ROUND = 30

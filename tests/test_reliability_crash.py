@@ -42,6 +42,8 @@ from reliability_support import (
 from hisparc_datastore.config import Settings
 from hisparc_datastore.storage.store import Bucket
 
+pytestmark = pytest.mark.long
+
 STATIONS = (501, 502, 7001)
 
 

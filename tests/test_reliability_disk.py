@@ -27,6 +27,8 @@ from reliability_support import DAY0, Expected, Served, make_batch, serve, store
 from hisparc_datastore.config import Settings
 from hisparc_datastore.storage.store import Bucket
 
+pytestmark = pytest.mark.long
+
 STATIONS = (501, 502, 7001)
 
 

@@ -17,6 +17,7 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import pytest
 import requests
 from notification_bodies import aws_body, minio_body
 from reliability_support import Expected, make_batch, serve, store_batch, verify
@@ -24,6 +25,8 @@ from reliability_support import Expected, make_batch, serve, store_batch, verify
 from hisparc_datastore.config import Settings
 from hisparc_datastore.storage.store import Bucket
 from hisparc_datastore.writer.pipeline import RetryPolicy, process_keys, sweep
+
+pytestmark = pytest.mark.long
 
 FAST = RetryPolicy(delays=(0.05, 0.1))
 STATIONS = (501, 502, 7001)

@@ -19,6 +19,7 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import pytest
 import requests
 from hisparc_datastore_dev.served import Served, start_function, wait_until_serving
 from notification_bodies import minio_body
@@ -28,6 +29,8 @@ from hisparc_datastore.config import Settings
 from hisparc_datastore.format.keys import archive_key
 from hisparc_datastore.storage.store import Bucket
 from hisparc_datastore.writer.pipeline import sweep
+
+pytestmark = pytest.mark.long
 
 SOURCE = ROOT / "functions" / "writer" / "main.py"
 STATIONS = (501, 502, 7001)

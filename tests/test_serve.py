@@ -47,6 +47,8 @@ from hisparc_datastore import cli, serve
 from hisparc_datastore.format.keys import incoming_key
 from hisparc_datastore.storage.store import Bucket
 
+pytestmark = pytest.mark.long
+
 ROOT = Path(__file__).resolve().parents[1]
 SOURCE = ROOT / "functions" / "upload" / "main.py"
 IDLE = 3.0

@@ -7,15 +7,22 @@ slept, so the tests are quick and never depend on timing.
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import datetime as dt
 import hashlib
 import http.server
 import itertools
+import json
+import os
 import pickle
+import re
 import threading
+import time
 import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 from hisparc_datastore_dev import simulate
@@ -29,11 +36,15 @@ class ScriptedServer:
     forms: list[dict[str, list[str]]] = field(default_factory=list)
     raw_bodies: list[bytes] = field(default_factory=list)
     url: str = ""
+    delay: float = 0.0  # seconds before each answer: a slow server
+    _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def handle(self, body: bytes) -> tuple[int, str]:
-        self.raw_bodies.append(body)
-        self.forms.append(urllib.parse.parse_qs(body.decode("ascii")))
-        index = min(len(self.forms) - 1, len(self.script) - 1)
+        with self._lock:
+            self.raw_bodies.append(body)
+            self.forms.append(urllib.parse.parse_qs(body.decode("ascii")))
+            index = min(len(self.forms) - 1, len(self.script) - 1)
+        time.sleep(self.delay)
         return self.script[index]
 
 
@@ -41,8 +52,8 @@ class ScriptedServer:
 def scripted() -> Iterator[callable]:
     servers: list[http.server.ThreadingHTTPServer] = []
 
-    def start(script: list[tuple[int, str]]) -> ScriptedServer:
-        state = ScriptedServer(script)
+    def start(script: list[tuple[int, str]], delay: float = 0.0) -> ScriptedServer:
+        state = ScriptedServer(script, delay=delay)
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_POST(self) -> None:
@@ -171,7 +182,7 @@ def test_percentiles_and_summary_layout() -> None:
     assert fields["batches accepted"] == "2 of 3"
     assert fields["events accepted"] == "200"
     assert fields["requests"] == "4 (1 retries)"
-    assert fields["answers"] == "100 x2, 203 x1, timeout x1"
+    assert fields["answers"] == "100 (stored) x2, 203 (wrong password) x1, timeout x1"
     assert fields["latency p50"] == "40 ms"
     assert fields["latency p99"] == "3000 ms"
     assert fields["elapsed"] == "2.0 s (1.0 batches/s, 100 events/s)"
@@ -187,9 +198,11 @@ def test_simulated_stations_send_deterministic_batches_of_every_type(scripted) -
 
     server = scripted([(200, "100")])
     start = dt.datetime(2024, 3, 5, 12, 0, 0)
-    plan = simulate.Plan(url=server.url, station=7001, password="pw", flavour="py2",
-                         stations=2, batch_size=20, batches=2, seed=4, start=start)
-    summary = simulate.simulate(plan)
+    stations = (simulate.SimulatedStation(7001, "pw"), simulate.SimulatedStation(7002, "pw2"))
+    plan = simulate.Plan(url=server.url, stations=stations, flavour="py2",
+                         batch_size=20, batches=2, seed=4, start=start)
+    summary, pace = simulate.simulate(plan)
+    assert pace is None  # no --rate, nothing to keep
     assert summary.accepted == summary.batches == 4
     assert summary.events == 80
     assert summary.retries == 0
@@ -204,7 +217,7 @@ def test_simulated_stations_send_deterministic_batches_of_every_type(scripted) -
         assert codes[:len(UPLOAD_CODE_ORDER)] == list(UPLOAD_CODE_ORDER)
 
     # Same seed and start: the same batches, in either pickle flavour.
-    again = list(itertools.islice(simulate.station_batches(0, 20, start, seed=4), 2))
+    again = list(itertools.islice(simulate.station_batches(7001, 20, start, seed=4), 2))
     assert decode_batch(simulate.pickle_batch(again[0], "py2")) == \
         decode_batch(simulate.pickle_batch(again[0], "py3"))
     py3 = simulate.pickle_batch(again[1], "py3")
@@ -212,3 +225,204 @@ def test_simulated_stations_send_deterministic_batches_of_every_type(scripted) -
     assert second[0]["header"]["datetime"] >= simulate.next_start(again[0])
     times = [event["header"]["datetime"] for batch in again for event in batch]
     assert times == sorted(times)
+
+
+# ------------------------------------------------------------- distinct stations
+
+
+def test_each_station_uploads_as_itself_with_its_own_events(scripted) -> None:
+    from hisparc_datastore.format.payload import decode_batch
+
+    server = scripted([(200, "100")])
+    stations = tuple(simulate.SimulatedStation(n, f"pw-{n}", "Amsterdam")
+                     for n in (501, 502, 503))
+    plan = simulate.Plan(url=server.url, stations=stations, batch_size=30, batches=2,
+                         start=dt.datetime(2024, 3, 5, 12))
+    summary, _ = simulate.simulate(plan)
+    assert summary.accepted == 6
+
+    by_station: dict[str, list[list[dict]]] = {}
+    for form in server.forms:
+        number = form["station_id"][0]
+        assert form["password"] == [f"pw-{number}"]
+        by_station.setdefault(number, []).append(decode_batch(form["data"][0].encode("latin-1")))
+    assert sorted(by_station) == ["501", "502", "503"]
+
+    def singles(batches: list[list[dict]]) -> list[tuple]:
+        return [tuple(sorted(map(str, event["datalist"]))) for batch in batches
+                for event in batch if event["header"]["eventtype_uploadcode"] == "SIN"]
+
+    streams = [singles(batches) for batches in by_station.values()]
+    assert all(streams)
+    # No station repeats another's singles: HiSPARC would drop them as duplicates.
+    assert not set(streams[0]) & set(streams[1]) and not set(streams[1]) & set(streams[2])
+
+
+LISTED = [simulate.SimulatedStation(n, f"pw-{n}", "Amsterdam") for n in (501, 502, 503)]
+
+
+def test_stations_are_chosen_from_the_list_never_twice() -> None:
+    assert simulate.choose_stations(2, LISTED, "the list") == tuple(LISTED[:2])
+    assert simulate.choose_stations(1, LISTED, "the list", station=502) == (
+        simulate.SimulatedStation(502, "pw-502"),
+    )
+    assert simulate.choose_stations(1, [], "the list", 7001, "given") == (
+        simulate.SimulatedStation(7001, "given"),
+    )
+    for arguments, words in (
+        ((8, LISTED, "the local stack", None, None, ": restart it with --stations 8"),
+         "8 stations asked for, but the local stack lists 3: restart it with --stations 8"),
+        ((2, LISTED, "the list", 501), "--station names one station, not 2"),
+        ((1, LISTED, "the list", 7001), "no password for station 7001: give --password"),
+        ((1, LISTED, "the list", None, "pw"), "--password goes with --station"),
+    ):
+        with pytest.raises(SystemExit, match=re.escape(words)):
+            simulate.choose_stations(*arguments)
+
+
+def _args(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    simulate.add_arguments(parser)
+    return parser.parse_args(list(argv))
+
+
+def test_the_local_stacks_stations_are_used_without_flags(tmp_path: Path) -> None:
+    from hisparc_datastore_dev import local
+
+    info = local.StackInfo(
+        pid=os.getpid(), upload_url="http://127.0.0.1:1/", writer_url="", s3_endpoint="",
+        bucket="b", data_dir="", config="",
+        stations=[{"number": s.number, "cluster": s.cluster, "password": s.password}
+                  for s in LISTED],
+        children={},
+    )
+    local.StackFiles.at(tmp_path).info.write_text(json.dumps(dataclasses.asdict(info)))
+
+    plan = simulate.plan_from_args(_args("--state-dir", str(tmp_path), "--stations", "3"))
+    assert plan.url == "http://127.0.0.1:1/"
+    assert plan.stations == tuple(LISTED)
+    assert simulate.plan_from_args(_args("--state-dir", str(tmp_path))).stations == (
+        LISTED[0],
+    )
+    with pytest.raises(SystemExit,
+                       match=r"lists 3: restart it with `datastore local --stations 4`"):
+        simulate.plan_from_args(_args("--state-dir", str(tmp_path), "--stations", "4"))
+
+    listed = tmp_path / "stations.csv"
+    listed.write_text("7001,Leiden,a\n7002,Leiden,b\n")
+    plan = simulate.plan_from_args(_args("--url", "http://elsewhere/", "--station-list",
+                                         str(listed), "--stations", "2"))
+    assert [(s.number, s.password) for s in plan.stations] == [(7001, "a"), (7002, "b")]
+    assert plan.url == "http://elsewhere/"
+
+    with pytest.raises(SystemExit, match="no local stack running"):
+        simulate.plan_from_args(_args("--state-dir", str(tmp_path / "none")))
+
+
+def test_the_header_names_the_stations() -> None:
+    def stations(*numbers: int) -> tuple[simulate.SimulatedStation, ...]:
+        return tuple(simulate.SimulatedStation(n, "pw") for n in numbers)
+
+    assert simulate.describe_stations(stations(501)) == "station 501"
+    assert simulate.describe_stations(stations(501, 502, 503)) == "stations 501-503"
+    assert simulate.describe_stations(stations(501, 7001)) == "stations 501, 7001"
+
+
+# ------------------------------------------------------------------ answer codes
+
+
+def test_every_answer_code_of_the_upload_function_is_explained() -> None:
+    from hisparc_datastore.upload import protocol
+
+    codes = {value for name, value in vars(protocol).items()
+             if name.isupper() and isinstance(value, str) and re.fullmatch(r"\d{3}", value)}
+    assert codes == set(simulate.ANSWER_MEANINGS)
+    assert simulate.explain_answer("203") == "203 (wrong password)"
+    assert simulate.explain_answer("HTTP 503: 404") == (
+        "HTTP 503: 404 (database unreachable: the bucket failed)"
+    )
+    assert simulate.explain_answer("timeout") == "timeout"
+    assert simulate.explain_answer("HTTP 500: <html>") == "HTTP 500: <html>"
+
+
+def test_run_prints_the_answers_meaning_and_exit_status(
+    scripted, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    server = scripted([(200, "206")])
+    listed = tmp_path / "stations.csv"
+    listed.write_text("7001,Leiden,a\n")
+    code = simulate.run(_args("--url", server.url, "--station-list", str(listed),
+                              "--batch-size", "5", "--max-retries", "0"))
+    out = capsys.readouterr().out
+    assert code == 1
+    assert "as station 7001 ->" in out
+    assert re.search(r"answers\s+206 \(station not in the station list\) x1$", out, re.M)
+
+
+# -------------------------------------------------------------------------- pace
+
+
+def test_batches_due_in_a_window() -> None:
+    assert simulate.batches_due(2, 30.0, None) == 60  # at 0, 0.5, ... 29.5 s
+    assert simulate.batches_due(2, 30.2, None) == 61
+    assert simulate.batches_due(2, 30.0, 10) == 10
+    assert simulate.batches_due(2, 0.0, None) == 0
+
+
+def _pace(**changes: float) -> simulate.Pace:
+    values = dict(rate=2.0, stations=8, due=480, sent=81, late=75, worst_lag=12.3,
+                  preparing=1.1, answering=0.4, waiting=0.0, slowest_answer=2.0)
+    return simulate.Pace(**{**values, **changes})
+
+
+def test_a_rate_not_kept_is_explained_with_its_numbers() -> None:
+    pace = _pace()
+    assert not pace.kept and pace.unsent == 399
+    assert simulate.format_pace(pace) == (
+        "2/s per station: 480 batches due, 81 sent, 75 late, 399 never sent (NOT KEPT)"
+    )
+    text = simulate.explain_pace(pace)
+    assert text is not None
+    assert "of 480 batches due, 399 were never sent and 75 were sent late (up to 12.3 s " \
+        "behind schedule)" in text
+    assert "spent 1.50 s on average, where the rate allows 0.50 s" in text
+    assert text.startswith("warning: --rate 2 (batches per second per station) was not kept")
+    assert "preparing" in text and "8 station(s) share this process" in text
+    assert "This process is the bottleneck" in text
+
+    slow_server = simulate.explain_pace(_pace(preparing=0.01, answering=0.9))
+    assert slow_server and "The previous batch was not answered in time" in slow_server
+    refused = simulate.explain_pace(_pace(preparing=0.01, answering=0.01, waiting=3.0))
+    assert refused and "resent after a wait" in refused
+    hiccup = simulate.explain_pace(_pace(preparing=0.1, answering=0.1, sent=480,
+                                         late=2))
+    assert hiccup and "On average a station keeps up" in hiccup
+
+    kept = _pace(sent=480, late=0)
+    assert kept.kept and simulate.explain_pace(kept) is None
+    assert simulate.format_pace(kept).endswith("480 sent, on schedule")
+
+
+def test_a_slow_server_is_reported_as_the_reason(scripted) -> None:
+    server = scripted([(200, "100")], delay=0.4)
+    plan = simulate.Plan(url=server.url, stations=(simulate.SimulatedStation(501, "pw"),),
+                         batch_size=5, batches=None, duration=1.0, rate=20.0)
+    summary, pace = simulate.simulate(plan)
+    assert pace is not None and not pace.kept
+    assert pace.due == 20
+    assert pace.sent == summary.batches < 5
+    assert pace.late + pace.unsent == 20 - 1  # only the first batch was on time
+    assert pace.answering >= 0.4
+    text = simulate.explain_pace(pace)
+    assert text and "The previous batch was not answered in time" in text
+    assert "rate" in simulate.format_summary(summary, "header", pace)
+
+
+def test_a_kept_rate_says_so(scripted) -> None:
+    server = scripted([(200, "100")])
+    plan = simulate.Plan(url=server.url, stations=(simulate.SimulatedStation(501, "pw"),),
+                         batch_size=5, batches=3, rate=4.0)
+    summary, pace = simulate.simulate(plan)
+    assert summary.accepted == 3
+    assert pace is not None and pace.due == 3 and pace.sent == 3
+    assert pace.kept, simulate.explain_pace(pace)  # a quarter second of slack per batch

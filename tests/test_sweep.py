@@ -107,6 +107,25 @@ def test_sweep_reports_failure_and_configuration_errors(
     assert missing.returncode == 2 and "configuration error" in missing.stderr
 
 
+def test_missing_credentials_are_named_before_any_request(
+    settings: Settings, datastore_env: dict[str, str]
+) -> None:
+    config_only = {"DATASTORE_CONFIG": datastore_env["DATASTORE_CONFIG"]}
+    for env, named in (
+        (config_only, ("AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY",
+                       "AWS_WEB_IDENTITY_TOKEN_FILE", settings.bucket_endpoint)),
+        (config_only | {"AWS_ACCESS_KEY_ID": datastore_env["AWS_ACCESS_KEY_ID"]},
+         ("AWS_ACCESS_KEY_ID is set but AWS_SECRET_ACCESS_KEY is not",)),
+    ):
+        for arguments in ((), ("--watch",)):
+            refused = run_sweep(env, *arguments, timeout=30)
+            assert refused.returncode == 2, refused.stderr
+            assert "configuration error" in refused.stderr
+            for words in named:
+                assert words in refused.stderr
+            assert "sweep:" not in refused.stderr  # it never began
+
+
 def test_watch_keeps_sweeping_until_sigterm(
     bucket: Bucket, settings: Settings, datastore_env: dict[str, str], tmp_path: Path
 ) -> None:

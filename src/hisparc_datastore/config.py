@@ -53,6 +53,8 @@ class Settings:
     retry_delay: float = 10.0
     retry_max_delay: float = 600.0
     retry_attempts: int = 12
+    #: ``[General] log_format``: ``text`` lines for people, or ``json``, one object a line.
+    log_format: str = "text"
 
 
 def _text(value: str) -> str:
@@ -96,6 +98,13 @@ def _loglevel(value: str) -> str:
     return level
 
 
+def _log_format(value: str) -> str:
+    text = value.strip().lower()
+    if text not in ("text", "json"):
+        raise ValueError("must be text or json")
+    return text
+
+
 def _endpoint(value: str) -> str:
     endpoint = value.strip()
     if endpoint and not endpoint.startswith(("http://", "https://")):
@@ -114,6 +123,7 @@ def _bucket_name(value: str) -> str:
 _KEYS: dict[tuple[str, str], tuple[str, Callable[[str], Any], str | None]] = {
     ("General", "log"): ("log", _text, ""),
     ("General", "loglevel"): ("loglevel", _loglevel, "info"),
+    ("General", "log_format"): ("log_format", _log_format, "text"),
     ("General", "station_list"): ("station_list", lambda v: Path(v.strip()), None),
     ("General", "data_dir"): ("data_dir", lambda v: Path(v.strip()), None),
     ("General", "minimum_year"): ("minimum_year", _year, "2020"),
@@ -225,3 +235,52 @@ def stack_environment(
         for name, value in parse_env_file(credentials).items():
             environment.setdefault(name, value)
     return environment
+
+
+# -- S3 credentials -------------------------------------------------------------------------
+
+#: Variables from which the S3 client (obstore) finds credentials without static keys:
+#: a web identity token (Kubernetes service accounts, IRSA) and the ECS/EKS container
+#: credentials endpoint.  On AWS itself the instance metadata service is one more source
+#: that no variable announces.
+DELEGATED_CREDENTIAL_VARIABLES = (
+    "AWS_WEB_IDENTITY_TOKEN_FILE",
+    "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+    "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+)
+
+
+def require_s3_credentials(settings: Settings, environ: Mapping[str, str] | None = None) -> None:
+    """Refuse, naming the variables to set, when the bucket cannot be signed for.
+
+    Without this an operator command gets as far as its first request and fails there
+    with the S3 client's error, which does not say that a key is missing.  Only what is
+    certainly wrong is refused: one static key without the other; or, for a bucket at a
+    custom endpoint (a MinIO, the local stack), no key and no delegated source either.
+    On AWS (no endpoint) the instance metadata may still hold credentials, so there the
+    client is left to find them.  ``environ`` is the environment the settings came from.
+    """
+    environ = os.environ if environ is None else environ
+    key, secret = settings.aws_access_key_id, settings.aws_secret_access_key
+    if key and secret:
+        return
+    if key or secret:
+        present, missing = (
+            ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY") if key
+            else ("AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID")
+        )
+        raise ConfigError(f"{present} is set but {missing} is not: set both, or neither")
+    if not settings.bucket_endpoint:
+        return
+    if any(environ.get(name) for name in DELEGATED_CREDENTIAL_VARIABLES):
+        return
+    message = (
+        f"no S3 credentials for the bucket at {settings.bucket_endpoint}: set "
+        "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_WEB_IDENTITY_TOKEN_FILE, or "
+        "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI or _FULL_URI) in the environment"
+    )
+    # A `datastore local` stack keeps its keys beside its station list.
+    local_keys = settings.station_list.parent / "credentials.env"
+    if local_keys.is_file():
+        message += f"; this stack's keys are in {local_keys}: `source {local_keys}`"
+    raise ConfigError(message)

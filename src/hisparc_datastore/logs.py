@@ -55,7 +55,7 @@ def setup_logging(settings: Settings) -> None:
         handler = logging.FileHandler(settings.log, encoding="utf-8")
     else:
         handler = logging.StreamHandler(sys.stderr)
-    json_lines = getattr(settings, "log_format", "text") == "json"
+    json_lines = settings.log_format == "json"
     handler.setFormatter(JsonFormatter() if json_lines else logging.Formatter(FORMAT))
     handler._datastore = True  # type: ignore[attr-defined]
     logger.addHandler(handler)

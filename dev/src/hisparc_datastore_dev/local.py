@@ -15,8 +15,12 @@ S3 event records, so uploads reach HDF5 within a fraction of a second.  A sweep 
 
 Other commands find a running stack without flags: ``datastore status`` reads
 ``<state>/config.ini`` and ``<state>/credentials.env`` when ``DATASTORE_CONFIG`` is unset,
-and ``datastore simulate`` takes the upload URL and the demo station from
+and ``datastore simulate`` takes the upload URL and the demo stations from
 ``<state>/stack.json``, which exists only while the stack runs.
+
+The demo stations (``--stations N``) each have their own number and password, as real
+stations do: stations that share a number send one event stream twice, and HiSPARC's
+analysis drops such singles as duplicates.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import http.server
 import json
 import os
 import secrets
+import shutil
 import signal
 import sys
 import threading
@@ -38,7 +43,7 @@ import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Iterator, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 from urllib.parse import quote_plus
@@ -68,8 +73,13 @@ from hisparc_datastore_dev.served import Served, stop_group
 from hisparc_datastore_dev.served import pid_alive as _pid_alive
 
 BUCKET_NAME = "hisparc-datastore"
+#: The demo stations are 501, 502, ... in Amsterdam: the real Science Park stations stand
+#: close together, so later simulations can let them see the same air showers.
 DEMO_STATION = 501
 DEMO_CLUSTER = "Amsterdam"
+DEFAULT_STATIONS = 3
+#: Stations shown in the banner; the rest are in stations.csv.
+BANNER_STATIONS = 4
 DEFAULT_S3_PORT = 8333  # SeaweedFS's own default; its gRPC twin is 8333 + GRPC_OFFSET
 DEFAULT_UPLOAD_PORT = 8080
 DEFAULT_WRITER_PORT = 8081
@@ -127,12 +137,19 @@ class StackInfo:
     bucket: str
     data_dir: str
     config: str
-    station: int
-    password: str
+    #: The demo stations, ``{"number", "cluster", "password"}`` each: the first
+    #: ``--stations`` of the station list, for ``datastore simulate --stations N``.
+    stations: list[dict[str, Any]]
     children: dict[str, int]
+    #: The functions' metrics endpoints, ``{"upload": url, "writer": url}``.
+    metrics: dict[str, str] = field(default_factory=dict)
 
     def is_running(self) -> bool:
         return _pid_alive(self.pid)
+
+    def demo_stations(self) -> list[Station]:
+        return [Station(int(s["number"]), str(s["cluster"]), str(s["password"]))
+                for s in self.stations]
 
 
 def _proc_text(pid: int, name: str) -> list[str]:
@@ -163,6 +180,9 @@ def read_stack_info(state_dir: Path) -> StackInfo | None:
     """The running stack's published facts, or None when no stack has published any."""
     try:
         raw = json.loads(StackFiles.at(state_dir).info.read_text(encoding="utf-8"))
+        if "station" in raw and "stations" not in raw:  # a stack started before --stations
+            raw["stations"] = [{"number": raw.pop("station"), "cluster": DEMO_CLUSTER,
+                                "password": raw.pop("password")}]
         return StackInfo(**raw)
     except (OSError, ValueError, TypeError):
         return None
@@ -186,20 +206,35 @@ def ensure_credentials(files: StackFiles) -> dict[str, str]:
     return credentials
 
 
-def ensure_station_list(files: StackFiles) -> Station:
-    """The demo station: the first line of the stack's station list, created if missing.
+def ensure_station_list(files: StackFiles, count: int = DEFAULT_STATIONS) -> list[Station]:
+    """The demo stations: the first ``count`` of the stack's station list.
 
-    An existing list is never rewritten, so stations a user adds survive restarts.
+    When the list has fewer, new stations are appended, each with the next free number
+    from 501 on and a generated password.  Lines already there are never rewritten, so
+    passwords stay valid across restarts and stations a user adds survive.
     """
-    if files.stations.exists():
-        stations = parse_station_list(files.stations.read_text(encoding="utf-8"))
-        if stations:
-            return next(iter(stations.values()))
-    station = Station(DEMO_STATION, DEMO_CLUSTER, secrets.token_urlsafe(12))
-    with files.stations.open("w", newline="", encoding="utf-8") as handle:
-        csv.writer(handle).writerow([station.number, station.cluster, station.password])
-    files.stations.chmod(0o600)
-    return station
+    text = ""
+    with contextlib.suppress(FileNotFoundError):
+        text = files.stations.read_text(encoding="utf-8")
+    listed = list(parse_station_list(text, source=str(files.stations)).values())
+    added: list[Station] = []
+    taken = {station.number for station in listed}
+    number = DEMO_STATION
+    while len(listed) + len(added) < count:
+        if number not in taken:
+            added.append(Station(number, DEMO_CLUSTER, secrets.token_urlsafe(12)))
+        number += 1
+    if added:
+        # Created private (it holds passwords), appended to: a user's lines stay as they are.
+        fd = os.open(files.stations, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        with os.fdopen(fd, "w", newline="", encoding="utf-8") as handle:
+            if text and not text.endswith("\n"):
+                handle.write("\n")  # or the first new station would join the last line
+            writer = csv.writer(handle, lineterminator="\n")
+            for station in added:
+                writer.writerow([station.number, station.cluster, station.password])
+        files.stations.chmod(0o600)
+    return [*listed, *added][:count]
 
 
 def render_config(files: StackFiles, s3_endpoint: str, sleep: float) -> str:
@@ -445,6 +480,7 @@ class Options:
     upload_port: int = DEFAULT_UPLOAD_PORT
     writer_port: int = DEFAULT_WRITER_PORT
     webhook: bool = True
+    stations: int = DEFAULT_STATIONS
 
 
 class LocalStack:
@@ -509,7 +545,7 @@ class LocalStack:
         self._take_lock()
         self._stop_leftovers()
         credentials = ensure_credentials(files)
-        station = ensure_station_list(files)
+        stations = ensure_station_list(files, options.stations)
         token = credentials[env_name("Writer", "auth_token")]
 
         taken: set[int] = set()
@@ -579,10 +615,11 @@ class LocalStack:
             bucket=BUCKET_NAME,
             data_dir=str(settings.data_dir),
             config=str(files.config),
-            station=station.number,
-            password=station.password,
+            stations=[asdict(station) for station in stations],
             children={"seaweedfs": self.server.process.pid,
                       **{child.name: child.process.pid for child in self.children}},
+            metrics={child.name: child.metrics_url for child in self.children
+                     if child.metrics_url},
         )
         _write_private(files.info, json.dumps(asdict(info), indent=2) + "\n")
         return info
@@ -623,34 +660,89 @@ class LocalStack:
             self._lock_handle = None
 
 
-def banner(info: StackInfo, files: StackFiles, options: Options) -> str:
+def datastore_command(
+    environ: Mapping[str, str] | None = None,
+    prefix: str = sys.prefix,
+    base_prefix: str = sys.base_prefix,
+) -> str:
+    """How to spell ``datastore`` so that the commands the banner prints work as printed.
+
+    ``make run`` starts ``.venv/bin/datastore`` without activating the venv, so a plain
+    ``datastore`` is often not on the user's PATH.  It is when this interpreter's venv is
+    the active one (``VIRTUAL_ENV``) or its ``bin/`` is on PATH anyway; otherwise the
+    banner names the venv's script by its path.  Outside a venv the command was installed
+    where the user's shell finds it.
+    """
+    environ = os.environ if environ is None else environ
+    script = Path(prefix) / "bin" / "datastore"
+    if prefix == base_prefix or not script.exists():
+        return "datastore"
+    active = environ.get("VIRTUAL_ENV")
+    if active and Path(active).resolve() == Path(prefix).resolve():
+        return "datastore"
+    found = shutil.which("datastore", path=environ.get("PATH", ""))
+    if found and Path(found).resolve() == script.resolve():
+        return "datastore"
+    return _relative(script)
+
+
+def banner(info: StackInfo, files: StackFiles, options: Options,
+           datastore: str = "datastore") -> str:
+    """What a user needs to use the stack; every command in it works as printed.
+
+    ``datastore`` is how to spell the command (:func:`datastore_command`).
+    """
     notify = "SeaweedFS webhook -> writer, plus a sweep" if options.webhook else "a sweep"
     state_flag = "" if files.root == DEFAULT_STATE_DIR.resolve() else (
         f" --state-dir {_relative(files.root)}"
     )
+    stations = info.demo_stations()
     commands = [
-        (f"datastore simulate{state_flag}", "a station uploading a few batches"),
-        (f"datastore status{state_flag}", "objects, newest write, day files"),
+        (f"station {stations[0].number} uploads a few batches",
+         f"{datastore} simulate{state_flag}"),
     ]
-    width = max(len(command) for command, _ in commands)
-    return "\n".join([
+    if len(stations) > 1:
+        commands.append((
+            f"{len(stations)} stations upload a batch a second each, for 20 s",
+            f"{datastore} simulate{state_flag} --stations {len(stations)} --rate 1 "
+            "--duration 20",
+        ))
+    commands.append(("objects, newest write, day files", f"{datastore} status{state_flag}"))
+    shown = [
+        f"{station.number}  {station.cluster}  password {station.password}"
+        for station in stations[:BANNER_STATIONS]
+    ]
+    if len(stations) > BANNER_STATIONS:
+        shown.append(f"and {len(stations) - BANNER_STATIONS} more in "
+                     f"{_relative(files.stations)}")
+    label = "demo station" if len(stations) == 1 else "demo stations"
+    lines = [
         "HiSPARC datastore: local stack running (Ctrl-C stops it)",
         "",
         f"  upload URL      {info.upload_url}",
-        f"  demo station    {info.station}  password {info.password}",
+        *(f"  {(label if index == 0 else '').ljust(14)}  {text}"
+          for index, text in enumerate(shown)),
         f"  writer          {info.writer_url}  ({notify} every {options.sleep:g} s)",
         f"  S3 server       {info.s3_endpoint}  bucket {info.bucket}",
         f"  HDF5 day files  {_relative(Path(info.data_dir))}/<YYYY>/<M>/<YYYY>_<M>_<D>.h5",
         f"  logs            {_relative(files.logs)}/",
+        *(f"  {('metrics' if index == 0 else '').ljust(14)}  {url}  ({name})"
+          for index, (name, url) in enumerate(sorted(info.metrics.items()))),
         "",
         "Try, in another terminal:",
-        *(f"  {command.ljust(width)}  # {what}" for command, what in commands),
+        *(line for what, command in commands for line in (f"  # {what}", f"  {command}")),
+    ]
+    if datastore != "datastore":
+        activate = Path(datastore).parent / "activate"
+        lines.append(f"(or activate the venv, `. {activate}`, and type just `datastore ...`)")
+    lines += [
         "",
-        "Other datastore commands (e.g. `datastore sweep`) use this stack after:",
+        f"Other datastore commands (e.g. `{datastore} sweep`) use this stack after:",
         f"  export {CONFIG_ENV}={files.config}",
         f"  source {files.credentials}",
         "",
-    ])
+    ]
+    return "\n".join(lines)
 
 
 def _relative(path: Path) -> str:
@@ -664,6 +756,13 @@ def _seconds(text: str) -> float:
     value = float(text)
     if not value > 0:
         raise argparse.ArgumentTypeError("must be a number of seconds > 0")
+    return value
+
+
+def _count(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be a number of stations >= 1")
     return value
 
 
@@ -689,6 +788,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--no-webhook", dest="webhook", action="store_false",
         help="no SeaweedFS webhook: only the periodic sweep feeds the writer",
     )
+    parser.add_argument(
+        "--stations", type=_count, default=DEFAULT_STATIONS, metavar="N",
+        help="demo stations, each with its own number and password, for "
+             "`datastore simulate --stations N` (default: %(default)s)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -699,6 +803,7 @@ def run(args: argparse.Namespace) -> int:
         upload_port=args.upload_port,
         writer_port=args.writer_port,
         webhook=args.webhook,
+        stations=args.stations,
     )
     stack = LocalStack(options)
 
@@ -718,7 +823,7 @@ def run(args: argparse.Namespace) -> int:
             return 1
         if stack.stop_requested.is_set():
             return 130
-        stack.say(banner(info, stack.files, options))
+        stack.say(banner(info, stack.files, options, datastore_command()))
         failure = None
         while failure is None and not stack.stop_requested.wait(0.5):
             failure = stack.first_failure()

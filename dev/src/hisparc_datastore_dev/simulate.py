@@ -10,6 +10,12 @@ Pickles are Python 2 protocol 0 (``--pickle py2``, what hsmonitor's ``cPickle.du
 produces) or Python 3 with numpy scalars (``--pickle py3``, like PySPARC).  Batches are
 deterministic for a ``--seed`` and ``--start``; the first batch of each station carries one
 event of every type, so a short run exercises every table.
+
+Simulated stations are distinct stations: each uploads under its own number and password
+(from the local stack's list, or ``--station-list``), and its number seeds its events.
+Stations sharing one identity would send one stream twice, which HiSPARC's analysis drops
+as duplicate singles.  With ``--rate``, the summary says whether the rate was kept and, if
+not, where a station's time went: preparing batches here, or waiting for answers.
 """
 
 from __future__ import annotations
@@ -28,9 +34,11 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from hisparc_datastore.config import DEFAULT_STATE_DIR
+from hisparc_datastore.stations import parse_station_list
+from hisparc_datastore.upload import protocol
 from hisparc_datastore_dev.local import read_stack_info
 
 PICKLE_FLAVOURS = ("py2", "py3")
@@ -38,7 +46,38 @@ PY3_PROTOCOL = 3  # what PySPARC's uploads were seen to use
 CONNECT_TIMEOUT = 3.0  # the station software's timeouts
 READ_TIMEOUT = 600.0
 MAX_BACKOFF = 60.0
-ACCEPTED = "100"
+ACCEPTED = protocol.STORED
+
+#: What each answer code tells the station (the codes are the upload function's own).
+ANSWER_MEANINGS = {
+    protocol.STORED: "stored",
+    protocol.CHECKSUM_MISMATCH: "checksum mismatch",
+    protocol.WRONG_PASSWORD: "wrong password",
+    protocol.TRANSACTION_FAILED: "transaction failed: the server ran out of memory",
+    protocol.UNKNOWN_STATION: "station not in the station list",
+    protocol.NOT_DECODABLE: "data not decodable",
+    protocol.BAD_REQUEST: "form unusable or too large",
+    protocol.DATABASE_UNREACHABLE: "database unreachable: the bucket failed",
+}
+#: A batch sent later than this share of the interval after its time is behind schedule.
+LATE_SHARE = 0.5
+
+
+# --------------------------------------------------------------------------- stations
+
+
+@dataclass(frozen=True)
+class SimulatedStation:
+    """One station the simulator uploads as.
+
+    Its number is its identity at the upload function and the seed of its event stream,
+    so no two simulated stations send the same events.  Kept small on purpose: what a
+    station needs beyond this (where it stands, its detectors) belongs here too.
+    """
+
+    number: int
+    password: str = field(repr=False)
+    cluster: str = ""
 
 
 # --------------------------------------------------------------------------- batches
@@ -70,10 +109,10 @@ def next_start(events: list[dict[str, Any]]) -> dt.datetime:
 
 
 def station_batches(
-    station_index: int, size: int, start: dt.datetime, seed: int
+    station: int, size: int, start: dt.datetime, seed: int
 ) -> Iterator[list[dict[str, Any]]]:
-    """The endless, deterministic stream of batches of one simulated station."""
-    rng = random.Random(seed * 1_000_003 + station_index)  # noqa: S311 (sample data)
+    """The endless, deterministic stream of batches of station number ``station``."""
+    rng = random.Random(seed * 1_000_003 + station)  # noqa: S311 (sample data)
     events = build_batch(size, start, rng, every_type=True)
     while True:
         yield events
@@ -127,10 +166,16 @@ class Delivery:
 
     events: int
     attempts: list[Attempt] = field(default_factory=list)
+    seconds: float = 0.0  # from the first request to the last answer, waits included
 
     @property
     def accepted(self) -> bool:
         return bool(self.attempts) and self.attempts[-1].accepted
+
+    @property
+    def waited(self) -> float:
+        """Seconds spent backing off between attempts, not waiting for answers."""
+        return max(0.0, self.seconds - sum(attempt.seconds for attempt in self.attempts))
 
 
 def describe_answer(status: int, body: str) -> str:
@@ -170,9 +215,11 @@ def deliver(
     ``wait(seconds)`` sleeps and returns True when the simulation is being stopped.
     """
     delivery = Delivery(events)
+    began = time.perf_counter()
     while True:
         attempt = post()
         delivery.attempts.append(attempt)
+        delivery.seconds = time.perf_counter() - began
         if attempt.accepted:
             return delivery
         failures = len(delivery.attempts)
@@ -194,9 +241,14 @@ class Summary:
     answers: Counter[str] = field(default_factory=Counter)
     latencies: list[float] = field(default_factory=list)
     elapsed: float = 0.0
+    #: Where the stations' time went, for the pace report: seconds spent building and
+    #: pickling batches, and in retry waits; and how late each batch was sent.
+    preparing: float = 0.0
+    waiting: float = 0.0
+    lags: list[float] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
-    def add(self, delivery: Delivery) -> None:
+    def add(self, delivery: Delivery, preparing: float = 0.0, lag: float = 0.0) -> None:
         with self._lock:
             self.batches += 1
             self.requests += len(delivery.attempts)
@@ -206,6 +258,9 @@ class Summary:
             if delivery.accepted:
                 self.accepted += 1
                 self.events += delivery.events
+            self.preparing += preparing
+            self.waiting += delivery.waited
+            self.lags.append(lag)
 
     @property
     def retries(self) -> int:
@@ -221,12 +276,133 @@ def percentile(values: list[float], share: float) -> float:
     return ordered[rank - 1]
 
 
-def format_summary(summary: Summary, header: str) -> str:
+def explain_answer(answer: str) -> str:
+    """``203`` -> ``203 (wrong password)``: what a code means, for people reading a summary.
+
+    An HTTP error's body code (``HTTP 503: 404``) is explained the same way; answers that
+    are no code (``timeout``, an error page) are already words.
+    """
+    code = answer.partition(": ")[2] if answer.startswith("HTTP ") else answer
+    meaning = ANSWER_MEANINGS.get(code)
+    return f"{answer} ({meaning})" if meaning else answer
+
+
+@dataclass(frozen=True)
+class Pace:
+    """Whether the stations kept ``--rate``, and where their time went if not.
+
+    ``due`` counts the batches whose time came while the simulation ran; a batch sent
+    more than ``LATE_SHARE`` of an interval after its time is ``late``.  The per-batch
+    means say which side could not keep up: this process preparing batches, the server
+    answering them, or the waits after answers other than 100.
+    """
+
+    rate: float
+    stations: int
+    due: int
+    sent: int
+    late: int
+    worst_lag: float
+    preparing: float  # mean seconds per batch
+    answering: float
+    waiting: float
+    slowest_answer: float
+
+    @property
+    def unsent(self) -> int:
+        return max(0, self.due - self.sent)
+
+    @property
+    def kept(self) -> bool:
+        return not self.unsent and not self.late
+
+
+def batches_due(rate: float, window: float, batches: int | None) -> int:
+    """Batches of one station whose time (``k / rate`` s after the start) is in ``window``."""
+    due = math.ceil(window * rate - 1e-9) if window > 0 else 0
+    return due if batches is None else min(due, batches)
+
+
+def measure_pace(summary: Summary, plan: Plan, window: float) -> Pace | None:
+    """The pace report of a run with a ``--rate``; None for a run as fast as answered."""
+    if plan.rate <= 0:
+        return None
+    late_after = LATE_SHARE / plan.rate
+    late = [lag for lag in summary.lags if lag > late_after]
+    sent = max(summary.batches, 1)
+    return Pace(
+        rate=plan.rate,
+        stations=len(plan.stations),
+        due=len(plan.stations) * batches_due(plan.rate, window, plan.batches),
+        sent=summary.batches,
+        late=len(late),
+        worst_lag=max(late, default=0.0),
+        preparing=summary.preparing / sent,
+        answering=sum(summary.latencies) / sent,
+        waiting=summary.waiting / sent,
+        slowest_answer=max(summary.latencies, default=0.0),
+    )
+
+
+def format_pace(pace: Pace) -> str:
+    """The summary's one line about the rate."""
+    asked = f"{pace.rate:g}/s per station: {pace.due} batches due, {pace.sent} sent"
+    if pace.kept:
+        return f"{asked}, on schedule"
+    return f"{asked}, {pace.late} late, {pace.unsent} never sent (NOT KEPT)"
+
+
+def explain_pace(pace: Pace) -> str | None:
+    """Why the rate was not kept, with the numbers to act on; None when it was kept."""
+    if pace.kept:
+        return None
+    interval = 1 / pace.rate
+    behind = []
+    if pace.unsent:
+        behind.append(f"{pace.unsent} were never sent")
+    if pace.late:
+        behind.append(f"{pace.late} were sent late (up to {pace.worst_lag:.1f} s behind "
+                      "schedule)")
+    spent = pace.preparing + pace.answering + pace.waiting
+    parts = {
+        "preparing": (pace.preparing,
+                      f"building and pickling it ({pace.stations} station(s) share this "
+                      "process)"),
+        "answers": (pace.answering,
+                    f"waiting for the upload function's answers (slowest "
+                    f"{pace.slowest_answer:.2f} s)"),
+        "retry waits": (pace.waiting, "backing off after answers other than 100"),
+    }
+    lines = [
+        f"warning: --rate {pace.rate:g} (batches per second per station) was not kept: of "
+        f"{pace.due} batches due, {' and '.join(behind)}.",
+        f"  Per batch a station spent {spent:.2f} s on average, where the rate allows "
+        f"{interval:.2f} s:",
+        *(f"    {label:<11} {seconds:6.2f} s  {what}"
+          for label, (seconds, what) in parts.items()),
+    ]
+    slowest = max(parts, key=lambda label: parts[label][0])
+    if spent <= interval:
+        lines.append("  On average a station keeps up: the late batches waited behind a "
+                     f"slow moment (the slowest answer took {pace.slowest_answer:.2f} s).")
+    elif slowest == "preparing":
+        lines.append("  This process is the bottleneck, not the server: ask for fewer "
+                     "--stations, a smaller --batch-size or a lower --rate.")
+    elif slowest == "answers":
+        lines.append("  The previous batch was not answered in time: the upload function is "
+                     "the bottleneck (see its log).")
+    else:
+        lines.append("  Batches were refused or failed and were resent after a wait: see "
+                     "the answers above.")
+    return "\n".join(lines) + "\n"
+
+
+def format_summary(summary: Summary, header: str, pace: Pace | None = None) -> str:
     def milliseconds(value: float) -> str:
         return "-" if math.isnan(value) else f"{value * 1000:.0f} ms"
 
     answers = ", ".join(
-        f"{answer} x{count}" for answer, count in sorted(summary.answers.items())
+        f"{explain_answer(answer)} x{count}" for answer, count in sorted(summary.answers.items())
     ) or "-"
     rate = summary.elapsed and summary.accepted / summary.elapsed
     event_rate = summary.elapsed and summary.events / summary.elapsed
@@ -239,6 +415,8 @@ def format_summary(summary: Summary, header: str) -> str:
         ("latency p99", milliseconds(percentile(summary.latencies, 99))),
         ("elapsed", f"{summary.elapsed:.1f} s ({rate:.1f} batches/s, {event_rate:.0f} events/s)"),
     ]
+    if pace is not None:
+        rows.append(("rate", format_pace(pace)))
     width = max(len(label) for label, _ in rows)
     lines = [f"  {label.ljust(width)}  {value}" for label, value in rows]
     return "\n".join([header, *lines]) + "\n"
@@ -250,10 +428,8 @@ def format_summary(summary: Summary, header: str) -> str:
 @dataclass(frozen=True)
 class Plan:
     url: str
-    station: int
-    password: str
+    stations: tuple[SimulatedStation, ...]  # each uploads as itself, from its own thread
     flavour: str = "py2"
-    stations: int = 1
     batch_size: int = 100
     batches: int | None = 3  # per station; None: until ``duration`` has passed
     duration: float | None = None
@@ -263,34 +439,45 @@ class Plan:
     max_retries: int | None = None
 
 
-def run_station(index: int, plan: Plan, summary: Summary, stop: threading.Event,
-                start: dt.datetime, deadline: float | None) -> None:
+def run_station(station: SimulatedStation, plan: Plan, summary: Summary,
+                stop: threading.Event, start: dt.datetime, began: float,
+                deadline: float | None) -> None:
+    """One station: batch ``k`` is due ``k / rate`` s after ``began`` (or at once).
+
+    The next batch is prepared before its time comes, as a station has it ready, so
+    only preparation slower than the rate makes it late.
+    """
     import requests
 
-    began = time.monotonic()
-    batches = station_batches(index, plan.batch_size, start, plan.seed)
+    batches = station_batches(station.number, plan.batch_size, start, plan.seed)
     with requests.Session() as session:
         for number in itertools.count():
             if plan.batches is not None and number >= plan.batches:
                 return
-            if plan.rate > 0 and stop.wait(max(0.0, began + number / plan.rate - time.monotonic())):
-                return
-            if stop.is_set() or (deadline is not None and time.monotonic() >= deadline):
-                return
+            prepared = time.perf_counter()
             events = next(batches)
-            form = form_fields(plan.station, plan.password, pickle_batch(events, plan.flavour))
+            form = form_fields(station.number, station.password,
+                               pickle_batch(events, plan.flavour))
+            preparing = time.perf_counter() - prepared
+            due = began + number / plan.rate if plan.rate > 0 else time.monotonic()
+            if stop.wait(max(0.0, due - time.monotonic())):
+                return
+            if deadline is not None and time.monotonic() >= deadline:
+                return
+            lag = max(0.0, time.monotonic() - due)
             delivery = deliver(
                 lambda form=form: post_once(session, plan.url, form),
                 len(events),
                 stop.wait,
                 plan.max_retries,
             )
-            summary.add(delivery)
+            summary.add(delivery, preparing, lag)
             if not delivery.accepted:  # a station never skips a batch: it stops here
                 return
 
 
-def simulate(plan: Plan, stop: threading.Event | None = None) -> Summary:
+def simulate(plan: Plan, stop: threading.Event | None = None) -> tuple[Summary, Pace | None]:
+    """Run every station of ``plan`` at once; the summary, and the pace with ``rate``."""
     stop = stop or threading.Event()
     start = plan.start or dt.datetime.now(dt.UTC).replace(tzinfo=None)
     summary = Summary()
@@ -298,10 +485,10 @@ def simulate(plan: Plan, stop: threading.Event | None = None) -> Summary:
     deadline = began + plan.duration if plan.duration else None
     threads = [
         threading.Thread(
-            target=run_station, args=(index, plan, summary, stop, start, deadline),
-            name=f"station-{index}", daemon=True,
+            target=run_station, args=(station, plan, summary, stop, start, began, deadline),
+            name=f"station-{station.number}", daemon=True,
         )
-        for index in range(plan.stations)
+        for station in plan.stations
     ]
     for thread in threads:
         thread.start()
@@ -314,7 +501,8 @@ def simulate(plan: Plan, stop: threading.Event | None = None) -> Summary:
         for thread in threads:
             thread.join(5)
     summary.elapsed = time.monotonic() - began
-    return summary
+    window = summary.elapsed if plan.duration is None else min(summary.elapsed, plan.duration)
+    return summary, measure_pace(summary, plan, window)
 
 
 def _positive(kind: type) -> Callable[[str], Any]:
@@ -335,10 +523,16 @@ def _timestamp(text: str) -> dt.datetime:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    target = parser.add_argument_group("where to upload (default: the running `datastore local`)")
+    target = parser.add_argument_group(
+        "where to upload, as whom (default: the running `datastore local` and its stations)"
+    )
     target.add_argument("--url", help="the upload URL")
-    target.add_argument("--station", type=int, help="station number")
-    target.add_argument("--password", help="the station's password")
+    target.add_argument("--station", type=int,
+                        help="upload as this one station (with --password)")
+    target.add_argument("--password", help="the --station's password")
+    target.add_argument("--station-list", type=Path, metavar="CSV",
+                        help="take the stations from this number,cluster,password list "
+                             "instead of the local stack's")
     target.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR,
                         help="the local stack to use (default: %(default)s)")
     what = parser.add_argument_group("what to send")
@@ -352,39 +546,88 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     what.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     load = parser.add_argument_group("load")
     load.add_argument("--stations", type=_positive(int), default=1,
-                      help="stations uploading at once, all with the same identity "
-                           "(default: %(default)s)")
+                      help="distinct stations uploading at once: the first N of the station "
+                           "list (default: %(default)s)")
     amount = load.add_mutually_exclusive_group()
     amount.add_argument("--batches", type=_positive(int), default=None,
                         help="batches per station (default: 3)")
     amount.add_argument("--duration", type=_positive(float),
                         help="seconds to keep uploading, instead of --batches")
     load.add_argument("--rate", type=float, default=0.0,
-                      help="batches per second per station, 0 for as fast as answered "
-                           "(default: %(default)s)")
+                      help="batches per second per station, 0 for as fast as answered; "
+                           "the summary says whether it was kept (default: %(default)s)")
     load.add_argument("--max-retries", type=int, default=None,
                       help="give a batch up after this many retries (default: never, "
                            "like a station)")
 
 
+def _refuse(message: str) -> NoReturn:
+    raise SystemExit(f"datastore simulate: {message}")
+
+
+def choose_stations(
+    count: int,
+    listed: list[SimulatedStation],
+    source: str,
+    station: int | None = None,
+    password: str | None = None,
+    more: str = "",
+) -> tuple[SimulatedStation, ...]:
+    """The stations to upload as: ``--station`` alone, or the first ``count`` of ``listed``.
+
+    Never one identity twice: ``count`` stations need ``count`` listed ones.  ``source``
+    says where they come from, ``more`` how to get more, for the message.
+    """
+    if station is not None:
+        if count > 1:
+            _refuse(f"--station names one station, not {count}: leave --station out to "
+                    f"upload as {count} stations from {source}")
+        if password is None:
+            match = [candidate for candidate in listed if candidate.number == station]
+            if not match:
+                _refuse(f"no password for station {station}: give --password")
+            password = match[0].password
+        return (SimulatedStation(station, password),)
+    if password is not None:
+        _refuse("--password goes with --station")
+    if len(listed) < count:
+        _refuse(f"{count} stations asked for, but {source} lists {len(listed)}{more}")
+    return tuple(listed[:count])
+
+
 def plan_from_args(args: argparse.Namespace) -> Plan:
-    url, station, password = args.url, args.station, args.password
-    if url is None or station is None or password is None:
+    """Where to upload and as whom: flags first, then the list, then the local stack."""
+    listed: list[SimulatedStation] = []
+    source = more = ""
+    if args.station_list is not None:
+        try:
+            text = args.station_list.read_text(encoding="utf-8")
+        except OSError as exc:
+            _refuse(f"cannot read --station-list: {exc}")
+        listed = [SimulatedStation(s.number, s.password, s.cluster)
+                  for s in parse_station_list(text, str(args.station_list)).values()]
+        source = str(args.station_list)
+    url = args.url
+    needs_stack = url is None or (
+        args.station_list is None and (args.station is None or args.password is None)
+    )
+    if needs_stack:
         info = read_stack_info(args.state_dir)
         if info is None or not info.is_running():
-            raise SystemExit(
-                "datastore simulate: no --url/--station/--password given and no local stack "
-                f"running in {args.state_dir} (start one with `datastore local`)"
-            )
+            _refuse("no --url/--station/--password given and no local stack running in "
+                    f"{args.state_dir} (start one with `datastore local`)")
         url = url or info.upload_url
-        station = info.station if station is None else station
-        password = info.password if password is None else password
+        if args.station_list is None:
+            listed = [SimulatedStation(s.number, s.password, s.cluster)
+                      for s in info.demo_stations()]
+            source = f"the local stack in {args.state_dir}"
+            more = f": restart it with `datastore local --stations {args.stations}`"
+    stations = choose_stations(args.stations, listed, source, args.station, args.password,
+                               more)
     return Plan(
         url=url,
-        station=station,
-        password=password,
+        stations=stations,
         flavour=args.pickle,
-        stations=args.stations,
         batch_size=args.batch_size,
         batches=None if args.duration else (args.batches or 3),
         duration=args.duration,
@@ -395,12 +638,26 @@ def plan_from_args(args: argparse.Namespace) -> Plan:
     )
 
 
+def describe_stations(stations: tuple[SimulatedStation, ...]) -> str:
+    """``station 501``, ``stations 501-503`` or ``stations 501, 7001``, for the header."""
+    numbers = [station.number for station in stations]
+    if len(numbers) == 1:
+        return f"station {numbers[0]}"
+    if numbers == list(range(numbers[0], numbers[0] + len(numbers))):
+        return f"stations {numbers[0]}-{numbers[-1]}"
+    return "stations " + ", ".join(map(str, numbers))
+
+
 def run(args: argparse.Namespace) -> int:
     plan = plan_from_args(args)
-    summary = simulate(plan)
+    summary, pace = simulate(plan)
     header = (
-        f"simulated {plan.stations} station(s) as station {plan.station} -> {plan.url} "
-        f"({plan.flavour} pickles, {plan.batch_size} events per batch)"
+        f"simulated {len(plan.stations)} station(s), as {describe_stations(plan.stations)} "
+        f"-> {plan.url} ({plan.flavour} pickles, {plan.batch_size} events per batch)"
     )
-    sys.stdout.write(format_summary(summary, header))
+    sys.stdout.write(format_summary(summary, header, pace))
+    sys.stdout.flush()
+    warning = explain_pace(pace) if pace is not None else None
+    if warning:
+        sys.stderr.write(warning)
     return 0 if summary.batches and summary.accepted == summary.batches else 1

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from hisparc_datastore.config import Settings, load_settings
+from hisparc_datastore.config import Settings, load_settings, require_s3_credentials
 from hisparc_datastore.format.keys import FAILED, INCOMING, RETRYING
 from hisparc_datastore.format.payload import PayloadError, decode_batch, event_datetime
 from hisparc_datastore.logs import setup_logging
@@ -220,6 +220,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     settings = load_settings()
+    require_s3_credentials(settings)
     setup_logging(settings)
     bucket = Bucket.from_settings(settings)
     try:

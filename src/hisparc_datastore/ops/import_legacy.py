@@ -50,7 +50,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hisparc_datastore.config import load_settings
+from hisparc_datastore.config import load_settings, require_s3_credentials
 from hisparc_datastore.format.keys import LEGACY_IMPORT, incoming_key, suspicious_key
 from hisparc_datastore.format.payload import PayloadError, decode_batch, decode_pickle
 from hisparc_datastore.logs import setup_logging
@@ -210,6 +210,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     settings = load_settings()
+    require_s3_credentials(settings)
     setup_logging(settings)
     if not args.dir.is_dir() or not any((args.dir / f).is_dir() for f in FOLDERS):
         print(f"datastore import-legacy: {args.dir} holds none of {', '.join(FOLDERS)}",

@@ -54,7 +54,7 @@ from typing import Any
 
 import numpy as np
 
-from hisparc_datastore.config import Settings, load_settings
+from hisparc_datastore.config import Settings, load_settings, require_s3_credentials
 from hisparc_datastore.format.keys import ARCHIVE, INCOMING
 from hisparc_datastore.format.origin import ClusterLookup, NoCluster, plan_object, received_time
 from hisparc_datastore.format.payload import PayloadError
@@ -601,6 +601,7 @@ def print_comparisons(comparisons: Iterable[FileComparison], stream: Any = None)
 
 def run(args: argparse.Namespace) -> int:
     settings = load_settings()
+    require_s3_credentials(settings)
     setup_logging(settings)
     if args.verify:
         _import_tables()  # fail before the work, not after it

@@ -26,6 +26,7 @@ from hisparc_datastore.config import (
     DEFAULT_STATE_DIR,
     ConfigError,
     load_settings,
+    require_s3_credentials,
     stack_environment,
 )
 from hisparc_datastore.format.keys import DEFERRED, LEGACY_IMPORT, PREFIXES, RETRYING
@@ -415,6 +416,7 @@ def run(args: argparse.Namespace) -> int:
         if environment.get(CONFIG_ENV):
             raise
         raise ConfigError(f"{exc}, or run `datastore local` (state in {args.state_dir})") from None
+    require_s3_credentials(settings, environment)
     bucket = Bucket.from_settings(settings, connect_timeout=3.0, read_timeout=20.0, max_attempts=2)
     report = collect(bucket, settings.data_dir, Backoff.from_settings(settings))
     text = format_report(report, dt.datetime.now(dt.UTC), args.days)

@@ -18,7 +18,7 @@ import signal
 import threading
 from types import FrameType
 
-from hisparc_datastore.config import Settings, load_settings
+from hisparc_datastore.config import Settings, load_settings, require_s3_credentials
 from hisparc_datastore.logs import setup_logging
 from hisparc_datastore.storage.store import Bucket
 from hisparc_datastore.writer.pipeline import TRANSIENT, WriteResult, short_reason, sweep
@@ -64,6 +64,7 @@ def _round(bucket: Bucket, settings: Settings, limit: int | None, stop: threadin
 
 def run(args: argparse.Namespace) -> int:
     settings = load_settings()
+    require_s3_credentials(settings)  # before the first request, by name
     setup_logging(settings)
     bucket = Bucket.from_settings(settings)
     stop = threading.Event()
