@@ -42,9 +42,9 @@ from pathlib import Path
 import requests
 from hisparc_datastore_dev import samples
 from hisparc_datastore_dev.ports import free_port
+from hisparc_datastore_dev.processes import serve_command, spawn, stop_process
 from hisparc_datastore_dev.py2pickle import dumps_py2
 from hisparc_datastore_dev.s3server import SeaweedS3
-from hisparc_datastore_dev.served import serve_command, spawn, stop_process
 
 from hisparc_datastore.storage.store import Bucket
 

@@ -34,8 +34,8 @@ from typing import Any
 
 import tables
 from hisparc_datastore_dev import samples
+from hisparc_datastore_dev.processes import Served, serve_function
 from hisparc_datastore_dev.py2pickle import dumps_py2
-from hisparc_datastore_dev.served import Served, serve_function
 
 from hisparc_datastore.format.keys import incoming_key
 from hisparc_datastore.stations import Station

@@ -39,8 +39,8 @@ from typing import Any
 import pytest
 import requests
 from hisparc_datastore_dev import samples
+from hisparc_datastore_dev.processes import Served
 from hisparc_datastore_dev.py2pickle import dumps_py2
-from hisparc_datastore_dev.served import Served
 
 from hisparc_datastore.config import Settings
 from hisparc_datastore.format.keys import failed_key, incoming_key

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 import requests
+from hisparc_datastore_dev.processes import Served
 from hisparc_datastore_dev.py2pickle import dumps_py2
-from hisparc_datastore_dev.served import Served
 
 from hisparc_datastore.storage.store import Bucket
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 import requests
-from hisparc_datastore_dev.served import Served, start_function, wait_until_serving
+from hisparc_datastore_dev.processes import Served, start_function, wait_until_serving
 from notification_bodies import minio_body
 from reliability_support import RECEIVED, ROOT, Expected, make_batch, store_batch, verify
 

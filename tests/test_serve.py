@@ -31,8 +31,8 @@ from pathlib import Path
 import pytest
 import requests
 from conftest import S3Endpoint
+from hisparc_datastore_dev.processes import Served, serve_function
 from hisparc_datastore_dev.py2pickle import dumps_py2
-from hisparc_datastore_dev.served import Served, serve_function
 from test_upload_http import (
     PASSWORD,
     STATION,

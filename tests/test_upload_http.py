@@ -30,8 +30,8 @@ import requests
 from conftest import TEST_STATIONS, S3Endpoint, write_station_list
 from hisparc_datastore_dev import samples
 from hisparc_datastore_dev.ports import free_port
+from hisparc_datastore_dev.processes import serve_command, serve_function, stop_process
 from hisparc_datastore_dev.py2pickle import Py2Unicode, dumps_py2
-from hisparc_datastore_dev.served import serve_command, serve_function, stop_process
 from hostile_pickles import HOSTILE, MARKER
 
 from hisparc_datastore.format.keys import incoming_key, suspicious_key

@@ -25,8 +25,8 @@ import requests
 import tables
 from hisparc_datastore_dev import samples
 from hisparc_datastore_dev.ports import free_port
+from hisparc_datastore_dev.processes import serve_command, serve_function
 from hisparc_datastore_dev.py2pickle import dumps_py2
-from hisparc_datastore_dev.served import serve_command, serve_function
 
 from hisparc_datastore.format.keys import archive_key, failed_key, incoming_key
 from hisparc_datastore.stations import Station

@@ -59,7 +59,7 @@ from hisparc_datastore.format.keys import INCOMING
 from hisparc_datastore.stations import Station, parse_station_list
 from hisparc_datastore.storage.store import Bucket, BucketError
 from hisparc_datastore.writer.notifications import SWEEP_TYPE
-from hisparc_datastore_dev import served
+from hisparc_datastore_dev import processes
 from hisparc_datastore_dev.ports import (
     GRPC_OFFSET,
     LOOPBACK,
@@ -68,9 +68,9 @@ from hisparc_datastore_dev.ports import (
     free_port_pair,
     port_is_free,
 )
+from hisparc_datastore_dev.processes import Served, stop_group
+from hisparc_datastore_dev.processes import pid_alive as _pid_alive
 from hisparc_datastore_dev.s3server import S3ServerError, SeaweedS3
-from hisparc_datastore_dev.served import Served, stop_group
-from hisparc_datastore_dev.served import pid_alive as _pid_alive
 
 BUCKET_NAME = "hisparc-datastore"
 #: The demo stations are 501, 502, ... in Amsterdam: the real Science Park stations stand
@@ -435,14 +435,14 @@ def start_function(
 ) -> Child:
     """Serve ``functions/<name>/main.py`` as its image does (:mod:`hisparc_datastore.serve`)."""
     source = functions_dir() / name / "main.py"
-    return served.start_function(source, target, environment, log_path, name=name, port=port)
+    return processes.start_function(source, target, environment, log_path, name=name, port=port)
 
 
 def wait_until_serving(child: Child, stop: threading.Event, timeout: float = READY_TIMEOUT) -> None:
     """Any HTTP answer means the server is up; a dead process is reported with its log."""
     try:
-        served.wait_until_serving(child, timeout, cancel=stop)
-    except served.ServeError as exc:
+        processes.wait_until_serving(child, timeout, cancel=stop)
+    except processes.ServeError as exc:
         raise LocalStackError(str(exc)) from None
 
 

@@ -23,7 +23,7 @@ from hisparc_datastore_dev.ports import (
     LOOPBACK,
     free_port_pair,
 )
-from hisparc_datastore_dev.served import stop_process
+from hisparc_datastore_dev.processes import stop_process
 
 
 class S3ServerError(RuntimeError):
