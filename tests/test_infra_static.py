@@ -4,9 +4,12 @@ MinIO set-up and the local compose file.
 Nothing here is taken on sight.  YAML goes through a loader that refuses duplicate keys;
 the compose file is validated against the compose-spec schema (check-jsonschema's
 vendored copy); core Kubernetes objects against the API schemas kubernetes-validate ships,
-in strict mode, and so are the pod specs inside the Knative Services; the kustomization is
-rendered with `kubectl kustomize` and every rendered object validated again; Dockerfiles
-go through hadolint and shell snippets through shellcheck.  Then the pieces are checked
+in strict mode, and so are the pod specs inside the Knative Services; every kustomization
+(base, storage, cluster, each overlay) is rendered with `kubectl kustomize` and every
+rendered object validated again (custom resources against the parts of their CRDs' schemas
+written out below); Dockerfiles go through hadolint and shell snippets through shellcheck.
+The deployment's rules (what the app may not hold, network policies, TLS, images, bucket
+protection, the restore tool) are in tests/test_infra_deploy.py.  Then the pieces are checked
 against each other and against the code that reads them: environment names against the
 config keys, ports, the writer's token, volume paths, the baked config path.
 
@@ -25,6 +28,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import tempfile
 import tomllib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -42,6 +46,17 @@ yaml = pytest.importorskip("yaml", reason="PyYAML is not installed (pip install 
 
 ROOT = Path(__file__).resolve().parents[1]
 KNATIVE = ROOT / "infra" / "knative"
+#: The app (functions, CronJob, policies, config, Secrets), shared by the overlays.
+BASE = KNATIVE / "base"
+#: What outlives the app: the namespace and the HDF5 volume.
+STORAGE = KNATIVE / "storage"
+#: Cluster-scoped objects applied once by a cluster admin.
+CLUSTER = KNATIVE / "cluster"
+OVERLAYS = KNATIVE / "overlays"
+#: Every kustomization, by its path below infra/knative.
+KUSTOMIZATIONS = ("base", "storage", "cluster", "overlays/local-kind", "overlays/production")
+#: The ones an operator deploys the app with.
+APP_OVERLAYS = ("overlays/local-kind", "overlays/production")
 MINIO = ROOT / "infra" / "minio"
 COMPOSE = ROOT / "local" / "compose.yaml"
 LOCAL_ENV = ROOT / "local" / ".env"
@@ -129,12 +144,19 @@ def yaml_files() -> list[Path]:
     )
 
 
+KUSTOMIZE_FILES = {"kustomization.yaml", "kustomizeconfig.yaml"}
+
+
+def folder_manifests(folder: Path) -> list[Path]:
+    """The manifests in one kustomization's folder (not its subfolders): all its YAML
+    but kustomize's own files."""
+    return sorted(path for path in folder.glob("*.yaml") if path.name not in KUSTOMIZE_FILES)
+
+
 def manifest_files() -> list[Path]:
-    """The manifests kustomize applies: every YAML in infra/knative but its own config."""
-    return sorted(
-        path for path in KNATIVE.glob("*.yaml")
-        if path.name not in {"kustomization.yaml", "kustomizeconfig.yaml"}
-    )
+    """The app's manifests (base) and the storage ones, as written: what the functions,
+    the CronJob and the volume are made of before any overlay patches them."""
+    return folder_manifests(BASE) + folder_manifests(STORAGE)
 
 
 @functools.cache
@@ -184,8 +206,8 @@ def env_values(container: dict[str, Any]) -> dict[str, Any]:
 
 
 @functools.cache
-def kustomization() -> dict[str, Any]:
-    return only(load_documents(KNATIVE / "kustomization.yaml"), "kustomization")
+def kustomization(target: str = "base") -> dict[str, Any]:
+    return only(load_documents(KNATIVE / target / "kustomization.yaml"), "kustomization")
 
 
 def read_env_file(path: Path) -> dict[str, str]:
@@ -422,6 +444,103 @@ def knative_flags_needed(spec: dict[str, Any]) -> set[str]:
     return flags
 
 
+def _strict(properties: dict[str, Any], required: tuple[str, ...] = ()) -> dict[str, Any]:
+    return {"type": "object", "properties": properties, "required": list(required),
+            "additionalProperties": False}
+
+
+_STRING = {"type": "string", "minLength": 1}
+_NAME_REF = _strict({"name": _STRING, "key": _STRING}, ("name",))
+
+#: The parts of the custom resources' schemas these manifests use, written out from the
+#: CRDs (knative/serving config/core/300-resources, cert-manager's, the CSI
+#: external-snapshotter's) and strict: an unknown field is a typo here, where the API
+#: server would drop it without a word.  (apiVersion, kind) -> schema of the object
+#: without its metadata, which is checked against the core ObjectMeta schema.
+CUSTOM_RESOURCE_SCHEMAS: dict[tuple[str, str], dict[str, Any]] = {
+    ("serving.knative.dev/v1beta1", "DomainMapping"): _strict({
+        "spec": _strict({
+            "ref": _strict({
+                "apiVersion": _STRING, "kind": _STRING, "name": _STRING,
+                "namespace": _STRING, "address": _STRING, "group": _STRING,
+            }, ("kind", "name")),
+            "tls": _strict({"secretName": _STRING}, ("secretName",)),
+        }, ("ref",)),
+    }, ("spec",)),
+    ("networking.internal.knative.dev/v1alpha1", "ClusterDomainClaim"): _strict({
+        "spec": _strict({"namespace": _STRING}, ("namespace",)),
+    }, ("spec",)),
+    ("cert-manager.io/v1", "ClusterIssuer"): _strict({
+        "spec": _strict({
+            "acme": _strict({
+                "server": {"type": "string", "pattern": "^https://"},
+                "email": {"type": "string", "pattern": "^[^@ ]+@[^@ ]+$"},
+                "privateKeySecretRef": _NAME_REF,
+                "skipTLSVerify": {"type": "boolean"},
+                "preferredChain": {"type": "string"},
+                "solvers": {"type": "array", "minItems": 1, "items": _strict({
+                    "selector": {"type": "object"},
+                    "http01": _strict({
+                        "ingress": _strict({
+                            "class": _STRING, "ingressClassName": _STRING, "name": _STRING,
+                            "serviceType": _STRING, "podTemplate": {"type": "object"},
+                            "ingressTemplate": {"type": "object"},
+                        }),
+                    }, ("ingress",)),
+                    "dns01": {"type": "object"},
+                })},
+            }, ("server", "privateKeySecretRef", "solvers")),
+        }, ("acme",)),
+    }, ("spec",)),
+    ("snapshot.storage.k8s.io/v1", "VolumeSnapshotClass"): _strict({
+        "driver": _STRING,
+        "deletionPolicy": {"enum": ["Delete", "Retain"]},
+        "parameters": {"type": "object", "additionalProperties": {"type": "string"}},
+    }, ("driver", "deletionPolicy")),
+    ("snapshot.storage.k8s.io/v1", "VolumeSnapshot"): _strict({
+        "spec": _strict({
+            "volumeSnapshotClassName": _STRING,
+            "source": {"oneOf": [
+                _strict({"persistentVolumeClaimName": _STRING}, ("persistentVolumeClaimName",)),
+                _strict({"volumeSnapshotContentName": _STRING}, ("volumeSnapshotContentName",)),
+            ]},
+        }, ("source",)),
+    }, ("spec",)),
+}
+#: Custom resources that live in a namespace (the others are cluster-scoped).
+NAMESPACED_CUSTOM_RESOURCES = {("serving.knative.dev/v1beta1", "DomainMapping"),
+                               ("snapshot.storage.k8s.io/v1", "VolumeSnapshot")}
+
+
+def check_custom_resource(document: dict[str, Any]) -> None:
+    from jsonschema import Draft202012Validator
+
+    key = (document.get("apiVersion"), document.get("kind"))
+    assert key in CUSTOM_RESOURCE_SCHEMAS, f"no schema for {key}"
+    name = document.get("metadata", {}).get("name")
+    assert isinstance(name, str) and name, key
+    for error in _pod_spec_validator()["ObjectMeta"].iter_errors(document["metadata"]):
+        pytest.fail(f"{key[1]}/{name} metadata: {error.message}")
+    namespaced = key in NAMESPACED_CUSTOM_RESOURCES
+    assert ("namespace" in document["metadata"]) == namespaced, f"{key[1]}/{name}: namespace"
+    body = {field: value for field, value in document.items()
+            if field not in {"apiVersion", "kind", "metadata"}}
+    for error in Draft202012Validator(CUSTOM_RESOURCE_SCHEMAS[key]).iter_errors(body):
+        where = ".".join(str(part) for part in error.path)
+        pytest.fail(f"{key[1]}/{name}: {where}: {error.message}")
+
+
+def validate_object(document: dict[str, Any]) -> None:
+    """Any object of these manifests, by what it is: a Knative Service, a custom resource
+    written out above, or a core object kubernetes-validate has the schema of."""
+    if (document.get("apiVersion"), document.get("kind")) == (KNATIVE_SERVING, "Service"):
+        check_knative_service(document)
+    elif (document.get("apiVersion"), document.get("kind")) in CUSTOM_RESOURCE_SCHEMAS:
+        check_custom_resource(document)
+    else:
+        validate_core_object(document)
+
+
 # --- YAML and schemas -----------------------------------------------------------------
 
 
@@ -483,7 +602,7 @@ def test_knative_feature_flags_are_documented() -> None:
         "kubernetes.podspec-persistent-volume-write",
         "kubernetes.podspec-securitycontext",
     }
-    header = (KNATIVE / "writer-service.yaml").read_text()
+    header = (BASE / "writer-service.yaml").read_text()
     readme = INFRA_README.read_text()
     for flag in needed:
         assert f"{flag}: enabled" in header and f'"{flag}":"enabled"' in readme, flag
@@ -499,21 +618,37 @@ def test_the_knative_check_can_fail() -> None:
 
 def test_only_expected_kinds_are_deployed() -> None:
     kinds = sorted((doc["apiVersion"], doc["kind"]) for doc in manifests())
+    policies = [("networking.k8s.io/v1", "NetworkPolicy")] * 3
     assert kinds == sorted([
         ("v1", "Namespace"), ("v1", "PersistentVolumeClaim"), ("batch/v1", "CronJob"),
-        (KNATIVE_SERVING, "Service"), (KNATIVE_SERVING, "Service"),
+        (KNATIVE_SERVING, "Service"), (KNATIVE_SERVING, "Service"), *policies,
     ])
 
 
 # --- kustomize ---------------------------------------------------------------------------
 
 
-def test_kustomization_lists_every_manifest_in_the_folder() -> None:
-    settings = kustomization()
-    assert settings["namespace"] == NAMESPACE
-    listed = settings["resources"]
+@pytest.mark.parametrize("target", KUSTOMIZATIONS)
+def test_kustomization_lists_every_manifest_in_the_folder(target: str) -> None:
+    """Each kustomization applies every manifest beside it, and names no other file: a
+    manifest left out of `resources` would be valid and never deployed."""
+    settings = kustomization(target)
+    folder = KNATIVE / target
+    listed = settings.get("resources", [])
     assert len(listed) == len(set(listed))
-    assert sorted(listed) == [path.name for path in manifest_files()]
+    local = [item for item in listed if not item.startswith("../")]
+    assert sorted(local) == [path.name for path in folder_manifests(folder)]
+    assert all(item == "../../base" for item in listed if item.startswith("../"))
+    if target.startswith("overlays/"):
+        assert "../../base" in listed, f"{target} builds on the base"
+    if target == "cluster":
+        assert "namespace" not in settings, "cluster-scoped objects have no namespace"
+    else:
+        assert settings["namespace"] == NAMESPACE
+
+
+def test_the_base_generates_the_config_and_secrets() -> None:
+    settings = kustomization("base")
     assert settings["configurations"] == ["kustomizeconfig.yaml"]
     sources = [
         source.partition("=")[2] or source
@@ -521,14 +656,20 @@ def test_kustomization_lists_every_manifest_in_the_folder() -> None:
         for source in generator.get("envs", []) + generator.get("files", [])
     ]
     for source in sources:
-        path = KNATIVE / source
+        path = BASE / source
         if source.startswith("secrets/"):
             assert path.with_name(path.name + ".example").is_file(), f"no example for {source}"
         else:
             assert path.is_file(), source
-    images = {image["name"] for image in settings["images"]}
+    assert "images" not in settings, "image names are the overlays' (the base has placeholders)"
+    for target in KUSTOMIZATIONS:
+        if target != "base":
+            assert "secretGenerator" not in kustomization(target), target
+    images = {image["name"] for image in kustomization("overlays/production")["images"]}
     used = {pod_container(template_spec(name))["image"] for name in FUNCTIONS}
-    assert used == images, "every Service image is set in kustomization.yaml, and no other"
+    assert used == images, "every Service image is set by the overlays, and no other"
+    for target in APP_OVERLAYS:
+        assert {image["name"] for image in kustomization(target)["images"]} == used, target
 
 
 def _only_examples_of_secrets(folder: str, names: list[str]) -> set[str]:
@@ -538,30 +679,72 @@ def _only_examples_of_secrets(folder: str, names: list[str]) -> set[str]:
     return {name for name in names if not name.endswith(".example")}
 
 
-def render_kustomization(scratch: Path) -> list[dict[str, Any]]:
-    """`kubectl kustomize` of a copy of infra/knative whose secrets are the examples."""
+def render_kustomization(
+    scratch: Path, target: str = "overlays/production"
+) -> list[dict[str, Any]]:
+    """`kubectl kustomize` of one kustomization in a copy of infra/knative whose secrets
+    are the examples."""
     kubectl = shutil.which("kubectl")
     if kubectl is None:
         pytest.skip("kubectl is not installed: `kubectl kustomize` renders the kustomization")
     folder = scratch / "knative"
-    shutil.copytree(KNATIVE, folder, ignore=_only_examples_of_secrets)
-    for example in (folder / "secrets").glob("*.example"):
-        example.with_name(example.name.removesuffix(".example")).write_bytes(example.read_bytes())
-    result = run_offline(kubectl, "kustomize", str(folder))
+    if not folder.exists():
+        shutil.copytree(KNATIVE, folder, ignore=_only_examples_of_secrets)
+        for example in (folder / "base" / "secrets").glob("*.example"):
+            real = example.with_name(example.name.removesuffix(".example"))
+            real.write_bytes(example.read_bytes())
+    result = run_offline(kubectl, "kustomize", str(folder / target))
     assert result.returncode == 0, result.stderr
     return [doc for doc in yaml.load_all(result.stdout, Loader=_StrictLoader) if doc]
 
 
-def test_rendered_kustomization_validates_and_resolves_every_reference(tmp_path: Path) -> None:
-    objects = render_kustomization(tmp_path)
-    names = {(doc["kind"], doc["metadata"]["name"]) for doc in objects}
+@functools.cache
+def rendered(target: str) -> tuple[dict[str, Any], ...]:
+    """One kustomization rendered (once per test session)."""
+    with tempfile.TemporaryDirectory(prefix="kustomize-") as scratch:
+        return tuple(render_kustomization(Path(scratch), target))
+
+
+@pytest.mark.parametrize("target", KUSTOMIZATIONS)
+def test_every_rendered_object_validates(target: str) -> None:
+    objects = rendered(target)
+    assert objects, target
     for doc in objects:
-        if doc["kind"] != "Namespace":
+        validate_object(doc)
+        if target != "cluster" and doc["kind"] != "Namespace":
             assert doc["metadata"].get("namespace") == NAMESPACE, doc["metadata"]["name"]
-        if doc["apiVersion"] == KNATIVE_SERVING:
-            check_knative_service(doc)
-        else:
-            validate_core_object(doc)
+
+
+def storage_examples() -> list[Path]:
+    return sorted((STORAGE / "examples").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", storage_examples(), ids=lambda p: p.name)
+def test_storage_examples_validate(path: Path) -> None:
+    """The examples an operator applies by hand (kubectl apply -f) are valid as they are."""
+    documents = load_documents(path)
+    assert documents
+    for doc in documents:
+        validate_object(doc)
+
+
+def test_the_custom_resource_check_can_fail() -> None:
+    """A misspelt field of a custom resource is caught, not waved through."""
+    mapping = {"apiVersion": "serving.knative.dev/v1beta1", "kind": "DomainMapping",
+               "metadata": {"name": "upload.example.org", "namespace": NAMESPACE},
+               "spec": {"ref": {"kind": "Service", "name": "upload"}}}
+    check_custom_resource(mapping)
+    mapping["spec"]["tsl"] = {"secretName": "x"}
+    with pytest.raises(pytest.fail.Exception, match="tsl"):
+        check_custom_resource(mapping)
+
+
+@pytest.mark.parametrize("target", APP_OVERLAYS)
+def test_rendered_overlay_resolves_every_reference(target: str) -> None:
+    objects = list(rendered(target)) + list(rendered("storage"))
+    names = {(doc["kind"], doc["metadata"]["name"]) for doc in objects}
+    for doc in rendered(target):
+        assert doc["metadata"].get("namespace") == NAMESPACE, doc["metadata"]["name"]
     for doc in objects:
         text = json.dumps(doc)
         for kind, field in (("Secret", "secretKeyRef"), ("ConfigMap", "configMapRef")):
@@ -570,19 +753,20 @@ def test_rendered_kustomization_validates_and_resolves_every_reference(tmp_path:
         for ref in re.findall(r'"secretName": "([^"]+)"', text):
             assert ("Secret", ref) in names, ref
         for ref in re.findall(r'"claimName": "([^"]+)"', text):
+            # The claim is the storage kustomization's, applied before any overlay.
             assert ("PersistentVolumeClaim", ref) in names, ref
     # The content-hashed names did reach the Knative Services (kustomizeconfig.yaml).
     generated = {name for kind, name in names if kind in {"Secret", "ConfigMap"}}
     assert any(re.fullmatch(r"datastore-s3-[a-z0-9]{10}", name) for name in generated)
     assert "datastore-stations" in generated, "the station list keeps a stable name"
-    for doc in objects:
+    for doc in rendered(target):
         if doc["apiVersion"] == KNATIVE_SERVING:
             image = pod_container(doc["spec"]["template"]["spec"])["image"]
             assert "/" in image and ":" in image, f"image not set by kustomize: {image}"
 
 
 def test_secrets_are_placeholders_and_real_files_are_git_ignored() -> None:
-    examples = sorted((KNATIVE / "secrets").glob("*.example"))
+    examples = sorted((BASE / "secrets").glob("*.example"))
     assert {path.name for path in examples} == {
         "s3.env.example", "writer-token.env.example", "stations.csv.example",
     }
@@ -594,7 +778,7 @@ def test_secrets_are_placeholders_and_real_files_are_git_ignored() -> None:
         for value in values:
             assert value.startswith("CHANGE-ME"), f"{path.name}: not a placeholder: {value}"
     ignore = [
-        line for line in (KNATIVE / "secrets" / ".gitignore").read_text().splitlines()
+        line for line in (BASE / "secrets" / ".gitignore").read_text().splitlines()
         if line and not line.startswith("#")
     ]
     assert ignore[:1] == ["*"] and "!*.example" in ignore
@@ -602,10 +786,10 @@ def test_secrets_are_placeholders_and_real_files_are_git_ignored() -> None:
     if git is None or not (ROOT / ".git").exists():
         pytest.skip("not a git checkout: cannot ask git what it ignores")
     for name in ("s3.env", "writer-token.env", "stations.csv"):
-        path = f"infra/knative/secrets/{name}"
+        path = f"infra/knative/base/secrets/{name}"
         check = subprocess.run([git, "check-ignore", "-q", path], cwd=ROOT)
         assert check.returncode == 0, f"git would track {path}"
-    example = "infra/knative/secrets/s3.env.example"
+    example = "infra/knative/base/secrets/s3.env.example"
     check = subprocess.run([git, "check-ignore", "-q", example], cwd=ROOT)
     assert check.returncode == 1, "the examples must stay tracked"
 
@@ -625,8 +809,8 @@ def test_every_datastore_variable_is_a_config_key() -> None:
         text = json.dumps(doc)
         names = re.findall(r'"name": "(DATASTORE_\w+)"', text)
         found += [(name, doc["metadata"]["name"]) for name in names]
-    found += _datastore_names_in(read_env_file(KNATIVE / "datastore.env"), "datastore.env")
-    for path in (KNATIVE / "secrets").glob("*.env.example"):
+    found += _datastore_names_in(read_env_file(BASE / "datastore.env"), "datastore.env")
+    for path in (BASE / "secrets").glob("*.env.example"):
         found += _datastore_names_in(read_env_file(path), path.name)
     for service in compose()["services"]:
         found += _datastore_names_in(compose_env(service), f"compose {service}")
@@ -646,7 +830,7 @@ def test_secrets_come_only_from_secret_refs() -> None:
             if name in SECRET_ENV_NAMES:
                 assert from_ref, f"{doc['metadata']['name']}: {name} must come from a Secret"
     for name in SECRET_ENV_NAMES:
-        assert name not in read_env_file(KNATIVE / "datastore.env")
+        assert name not in read_env_file(BASE / "datastore.env")
 
 
 def test_ports_agree() -> None:
@@ -700,7 +884,7 @@ def test_writer_token_reaches_minio_and_the_writer() -> None:
     job_env = env_values(pod_container(job_spec()))
     assert writer_env[token_env] == job_env[token_env]
     assert writer_env[token_env]["secretKeyRef"]["key"] == token_env
-    assert token_env in read_env_file(KNATIVE / "secrets" / "writer-token.env.example")
+    assert token_env in read_env_file(BASE / "secrets" / "writer-token.env.example")
     documented = read_env_file(MINIO / "webhook.env.example")
     writer_url = f"http://writer.{NAMESPACE}.svc.cluster.local"
     assert documented[f"MINIO_NOTIFY_WEBHOOK_ENDPOINT_{WEBHOOK_ID}"] == writer_url
@@ -812,7 +996,7 @@ def test_buckets_and_shared_settings_agree() -> None:
     for name in FUNCTIONS:
         container = pod_container(template_spec(name))
         assert container["envFrom"] == [{"configMapRef": {"name": "datastore-config"}}]
-    cluster = read_env_file(KNATIVE / "datastore.env")
+    cluster = read_env_file(BASE / "datastore.env")
     assert cluster["DATASTORE_BUCKET_NAME"] == ini().get("Bucket", "name")
 
 
@@ -1016,7 +1200,7 @@ def test_infra_readme_uses_real_commands_and_names_the_flags() -> None:
         "kubernetes.podspec-persistent-volume-write",
         "kubernetes.podspec-securitycontext",
         "max-revision-timeout-seconds",
-        "kubectl apply -k infra/knative",
+        "kubectl apply -k infra/knative/overlays/production",
         "setup-notifications.sh",
         "docker build -f functions/upload/Dockerfile",
         "docker build -f functions/writer/Dockerfile",
