@@ -3,7 +3,7 @@
 Everything is a ``prometheus_client`` metric, so gunicorn's worker processes can share
 them: the launcher (:mod:`hisparc_datastore.serve`) points ``PROMETHEUS_MULTIPROC_DIR`` at
 an empty directory before the function is imported, each worker writes its values there,
-and the launcher serves the sum on its own port (``METRICS_PORT``, 9091), which the
+and the launcher serves the sum on its own port (``METRICS_PORT``, 9464), which the
 Knative Services do not route: stations cannot reach it, Prometheus scrapes the pod.
 Without that variable (the CLI, tests calling the cores) the metrics live in the process.
 

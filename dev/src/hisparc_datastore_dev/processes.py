@@ -79,7 +79,7 @@ def start_function(source: Path | str, target: str, env: Mapping[str, str], log_
     """Serve ``target`` from ``source`` on loopback (``port`` 0: a free one); no waiting.
 
     Its metrics endpoint gets a free port too, unless ``env`` names one (``METRICS_PORT``;
-    the launcher's default, 9091, would be taken by the second function on one machine).
+    the launcher's default, 9464, would be taken by the second function on one machine).
     """
     port = port or free_port()
     env = dict(env)

@@ -314,7 +314,7 @@ def format_waiting(report: StatusReport, now: dt.datetime) -> list[str]:
 # ----------------------------------------------------------------------------- metrics
 
 #: Where a writer pod's own metrics are (the launcher's default port).
-DEFAULT_METRICS_URL = "http://127.0.0.1:9091/metrics"
+DEFAULT_METRICS_URL = "http://127.0.0.1:9464/metrics"
 _SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{([^}]*)\})?\s+(\S+)$")
 _LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
 
