@@ -243,3 +243,13 @@ def test_objects_still_in_incoming_are_replayed(bucket: Bucket, live: Settings,
     (comparison,) = verify(live.data_dir, without, DAY2, DAY2)
     assert comparison.differences == []
     assert [info.key for info in bucket.list("incoming/")] == [key]  # never moved
+
+
+def test_verify_reports_a_live_file_that_cannot_be_opened(bucket: Bucket, live: Settings,
+                                                          tmp_path: Path) -> None:
+    out = tmp_path / "replay"
+    replay(bucket, live, DAY1, DAY1, out, late_days=2)
+    day_file_path(live.data_dir, DAY1).write_bytes(b"damaged beyond repair" * 50)
+    (comparison,) = verify(live.data_dir, out, DAY1, DAY1)
+    assert len(comparison.differences) == 1
+    assert "the live file cannot be opened" in comparison.differences[0]

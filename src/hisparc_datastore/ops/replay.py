@@ -484,7 +484,17 @@ def compare_files(live_path: Path, rebuilt_path: Path, day: dt.date,
     if not rebuilt_path.exists():
         result.differences.append(f"{rebuilt_path}: not rebuilt (the live file exists)")
         return result
-    with tables.open_file(live_path, "r") as h5_live, tables.open_file(rebuilt_path, "r") as h5_re:
+    opened = []
+    for which, path in (("live", live_path), ("rebuilt", rebuilt_path)):
+        try:
+            opened.append(tables.open_file(path, "r"))
+        except (OSError, tables.HDF5ExtError) as exc:
+            for h5 in opened:
+                h5.close()
+            problem = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+            result.differences.append(f"{path}: the {which} file cannot be opened ({problem})")
+            return result
+    with opened[0] as h5_live, opened[1] as h5_re:
         live_nodes, rebuilt_nodes = _nodes(h5_live), _nodes(h5_re)
         for path in sorted(live_nodes.keys() - rebuilt_nodes.keys()):
             result.differences.append(f"{path}: only in the live file")
