@@ -12,6 +12,7 @@ import hashlib
 import pickle
 import random
 import shutil
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -253,3 +254,56 @@ def test_verify_reports_a_live_file_that_cannot_be_opened(bucket: Bucket, live: 
     (comparison,) = verify(live.data_dir, out, DAY1, DAY1)
     assert len(comparison.differences) == 1
     assert "the live file cannot be opened" in comparison.differences[0]
+
+
+def test_parallel_replay_writes_the_same_rows_as_one_process(
+    bucket: Bucket, live: Settings, tmp_path: Path
+) -> None:
+    """--jobs 2: decoding and row building in worker processes, appends here in the same
+    order: every table byte for byte what one process writes (event ids included)."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    first = replay(bucket, live, DAY1, DAY2, one, late_days=2)
+    second = replay(bucket, live, DAY1, DAY2, two, late_days=2, jobs=2)
+    assert (second.objects, second.rows, second.events_in_range) == (
+        first.objects, first.rows, first.events_in_range)
+    for day in (DAY1, DAY2):
+        with tables.open_file(day_file_path(one, day)) as a, \
+                tables.open_file(day_file_path(two, day)) as b:
+            nodes_a = {n._v_pathname: n for n in a.walk_nodes("/hisparc")
+                       if isinstance(n, tables.Leaf)}
+            nodes_b = {n._v_pathname: n for n in b.walk_nodes("/hisparc")
+                       if isinstance(n, tables.Leaf)}
+            assert nodes_a.keys() == nodes_b.keys() and nodes_a
+            for path, node in nodes_a.items():
+                if isinstance(node, tables.Table):
+                    assert node.read().tobytes() == nodes_b[path].read().tobytes(), path
+                else:
+                    assert node.read() == nodes_b[path].read(), path
+        comparison = compare_files(day_file_path(one, day), day_file_path(two, day), day,
+                                   strict_order=True)
+        assert comparison.differences == [] and comparison.notes == []
+
+
+def test_shards_split_the_days_into_blocks() -> None:
+    from hisparc_datastore.ops.replay import shard_days
+
+    first, last = dt.date(2024, 1, 1), dt.date(2024, 12, 31)
+    blocks = [shard_days(first, last, index, 50) for index in range(50)]
+    assert blocks[0] == (first, dt.date(2024, 1, 7)) and blocks[-1][1] == last
+    covered = [b[0] + dt.timedelta(days=n) for b in blocks for n in range((b[1] - b[0]).days + 1)]
+    assert covered == [first + dt.timedelta(days=n) for n in range(366)]
+    assert {(b[1] - b[0]).days + 1 for b in blocks} == {7, 8}
+    assert shard_days(first, dt.date(2024, 1, 2), 3, 5) is None
+
+
+def test_cli_replays_one_shard_with_workers(bucket: Bucket, live: Settings,
+                                            tmp_path: Path) -> None:
+    out = tmp_path / "sharded"
+    done = subprocess.run([".venv/bin/datastore", "replay", "--from", str(DAY1), "--to",
+                           str(DAY2), "--late-days", "2", "--out", str(out), "--jobs", "2",
+                           "--shard", "1/2", "--no-progress"],
+                          capture_output=True, text=True, timeout=300, check=False,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stderr
+    assert f"shard 1/2: {DAY2}..{DAY2}" in done.stdout
+    assert not day_file_path(out, DAY1).exists() and day_file_path(out, DAY2).exists()

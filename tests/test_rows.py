@@ -508,3 +508,35 @@ def test_datetimes_with_timezones_give_utc_timestamps() -> None:
     assert built["singles"].rows["timestamp"].tolist() == [
         calendar.timegm((2024, 5, 1, 12, 30, 15, 0, 0, 0))
     ] * 2
+
+
+def test_batches_built_per_object_and_merged_equal_one_build_of_all() -> None:
+    """Replay builds rows per object in worker processes and merges them per station:
+    the result must be exactly what building all the objects' events at once gives."""
+    from hisparc_datastore.format.rows import BatchPart, check_events, gather, merge_batches
+
+    rng = random.Random(11)
+    parts = []
+    for number in range(5):
+        events = samples.batch(7, datetime(2024, 5, 1, 10, number), rng,
+                               kinds=["CIC", "SIN", "CFG", "WTR", "ERR"])
+        if number == 2:  # one event whose value does not fit: skipped in both builds
+            events[0]["datalist"][0]["data"] = "not a number"
+        checked, _ = check_events(events)
+        parts.append(BatchPart(f"incoming/501/{number}.pickle", "e", 501, "Amsterdam", checked))
+    (whole,) = gather(parts)
+    merged = merge_batches([gather([part])[0] for part in parts])
+    assert merged.starts == whole.starts and merged.events == whole.events
+    assert [p.key for p in merged.parts] == [p.key for p in whole.parts]
+    assert merged.rows.blobs == whole.rows.blobs
+    assert merged.rows.blob_positions.tolist() == whole.rows.blob_positions.tolist()
+    assert merged.rows.skipped.counts == whole.rows.skipped.counts
+    assert set(merged.rows) == set(whole.rows)
+    for name in whole.rows:
+        a, b = merged.rows[name], whole.rows[name]
+        assert a.rows.tobytes() == b.rows.tobytes(), name
+        assert a.positions.tolist() == b.positions.tolist(), name
+        assert {c: m.tolist() for c, m in a.blob_cells.items()} == {
+            c: m.tolist() for c, m in b.blob_cells.items()}, name
+    for positions in (whole.rows["events"].positions, whole.rows.blob_positions):
+        assert merged.owners(positions) == whole.owners(positions)

@@ -686,6 +686,7 @@ class StationBatch:
     parts: Sequence[BatchPart]
     starts: Sequence[int]  # each part's first event in the concatenated events
     rows: BatchRows
+    events: int = 0  # events of all parts (positions run 0 .. events - 1)
 
     def owners(self, positions: np.ndarray) -> list[tuple[int, int]]:
         """(index into ``parts``, count) for each part owning some of ``positions``."""
@@ -723,8 +724,48 @@ def gather(parts: Sequence[BatchPart]) -> list[StationBatch]:
             raise RowsError(f"station {members[0].station}: {type(exc).__name__}: {exc}"
                             ) from exc
         batches.append(StationBatch(members[0].cluster, members[0].station, members, starts,
-                                    rows))
+                                    rows, len(events)))
     return batches
+
+
+def merge_batches(batches: Sequence[StationBatch]) -> StationBatch:
+    """One station's batches as one, as if their parts had been gathered together.
+
+    The rows are those :func:`gather` builds from all the parts at once (an event's row
+    does not depend on its neighbours): tables and blobs concatenated in order, blob
+    indices and event positions shifted past the batches before.  Lets rows be built
+    per object elsewhere (replay's worker processes) and still be written with one
+    resize and one write per dataset.
+    """
+    if len(batches) == 1:
+        return batches[0]
+    first = batches[0]
+    parts: list[BatchPart] = []
+    starts: list[int] = []
+    blobs: list[bytes] = []
+    blob_positions: list[np.ndarray] = []
+    pieces: dict[str, list[tuple[TableRows, int, int]]] = {}
+    skipped = SkipReport()
+    events = 0
+    for batch in batches:
+        parts.extend(batch.parts)
+        starts.extend(start + events for start in batch.starts)
+        for name, table in batch.rows.items():
+            pieces.setdefault(name, []).append((table, len(blobs), events))
+        blob_positions.append(np.asarray(batch.rows.blob_positions) + events)
+        blobs.extend(batch.rows.blobs)
+        skipped.merge(batch.rows.skipped)
+        events += batch.events
+    tables = {}
+    for name, members in pieces.items():
+        rows = np.concatenate([table.rows_with_blob_offset(offset)
+                               for table, offset, _ in members])
+        cells = {column: np.concatenate([table.blob_cells[column] for table, _, _ in members])
+                 for column in members[0][0].blob_cells}
+        positions = np.concatenate([table.positions + shift for table, _, shift in members])
+        tables[name] = TableRows(name, rows, cells, positions)
+    merged = BatchRows(tables, blobs, np.concatenate(blob_positions), skipped)
+    return StationBatch(first.cluster, first.station, parts, starts, merged, events)
 
 
 def _origin(parts: Sequence[BatchPart], starts: Sequence[int]) -> Callable[[int], str]:

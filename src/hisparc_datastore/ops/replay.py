@@ -30,12 +30,22 @@ between runs (h5py writes no timestamps, but the ledger records commit times), s
 own order is deterministic, so two replays also agree row for row.
 
 The same code turns objects into rows as in the live writer:
-:func:`~hisparc_datastore.format.origin.plan_object` and :meth:`DayFile.write`, with
+:func:`~hisparc_datastore.format.origin.plan_object`, rows built per object and merged
+per station (:func:`~hisparc_datastore.format.rows.merge_batches`: the same rows one build
+gives), then :meth:`DayFile.append`, with
 the object's ``incoming/`` key as the ledger key, so a batch archived twice (a station
 that resent it on another day) is written once, as live.
 
 Memory stays flat: listings are read page by page and held one (archive day, station)
 group at a time, bodies are fetched a few at a time and appended in bounded groups.
+
+Scale.  ``--jobs N`` decodes and builds rows in N worker processes while this process
+fetches and appends, in the same order: the same rows as one process (tested), faster
+where decoding is the cost.  ``--shard I/N`` rebuilds only the I-th of N blocks of
+consecutive days of ``--from``..``--to``: different days are different files, so shards
+run anywhere at once (a Kubernetes Indexed Job: infra/replay/) into one output volume.
+Each reads the archive days its own days need, so a shard of D days reads D +
+``--late-days`` + 1 archive days: fewer, longer shards read less twice.
 """
 
 from __future__ import annotations
@@ -43,10 +53,12 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import logging
+import multiprocessing
 import sys
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from itertools import groupby
 from pathlib import Path
@@ -56,13 +68,19 @@ import numpy as np
 
 from hisparc_datastore.config import Settings, load_settings, require_s3_credentials
 from hisparc_datastore.format.keys import ARCHIVE, INCOMING
-from hisparc_datastore.format.origin import ClusterLookup, NoCluster, plan_object, received_time
+from hisparc_datastore.format.origin import NoCluster, plan_object, received_time
 from hisparc_datastore.format.payload import PayloadError
-from hisparc_datastore.format.rows import BatchPart
-from hisparc_datastore.format.schema import BLOBS_NODE, ROOT_GROUP, TABLES
+from hisparc_datastore.format.rows import (
+    BatchPart,
+    RowsError,
+    StationBatch,
+    gather,
+    merge_batches,
+)
+from hisparc_datastore.format.schema import BLOBS_NODE, ROOT_GROUP, TABLES, cluster_node
 from hisparc_datastore.logs import setup_logging
 from hisparc_datastore.stations import cluster_lookup
-from hisparc_datastore.storage.dayfile import DayFile, day_file_path
+from hisparc_datastore.storage.dayfile import AppendReport, DayFile, day_file_path
 from hisparc_datastore.storage.store import (
     S3_THREADS,
     Bucket,
@@ -189,29 +207,65 @@ class ReplayReport:
 
 
 @dataclass(frozen=True)
-class _Decoded:
-    """One object's events in range, per day, ready to append."""
+class Prepared:
+    """One object, decoded and built into rows: per day in range, its station's batch.
 
-    parts: dict[dt.date, BatchPart]
+    The batches carry no events (only the rows built from them), so what a worker process
+    sends back is numpy arrays and blob bytes, cheap to pickle.
+    """
+
+    key: str
+    batches: dict[dt.date, StationBatch]
     size: int
     events: int
+    problem: str | None = None
+
+
+def prepare(key: str, body: bytes, metadata: dict[str, str], etag: str,
+            days: frozenset[dt.date], minimum_year: int, station_list: Path) -> Prepared:
+    """The live writer's plan of an object (:func:`plan_object`), its days in range built
+    into rows.  A plain function of plain values: it runs in replay's worker processes.
+
+    The ledger key is the object's ``incoming/`` key, as the live writer recorded it.
+    """
+    try:
+        plan = plan_object(ledger_key(key), body, metadata, etag, minimum_year=minimum_year,
+                           cluster_of=cluster_lookup(station_list), context=key)
+        batches = {}
+        events = 0
+        for day, part in plan.parts.items():
+            if day not in days:
+                continue
+            (batch,) = gather([part])
+            events += len(part.events)
+            light = BatchPart(part.key, part.etag, part.station, part.cluster, ())
+            batches[day] = StationBatch(batch.cluster, batch.station, [light], [0],
+                                        batch.rows, batch.events)
+    except (PayloadError, NoCluster, RowsError) as exc:
+        return Prepared(key, {}, len(body), 0, short_reason(exc))
+    return Prepared(key, batches, len(body), events)
 
 
 class _Appender:
-    """Collects BatchParts and appends them in bounded groups, in the order given."""
+    """Collects prepared objects and appends them in bounded groups, in the order given.
+
+    Per day file, each station's objects are merged into one batch
+    (:func:`merge_batches`), so a group costs one resize and one write per dataset, and
+    the rows are exactly those one build of all their events gives.
+    """
 
     def __init__(self, out: Path, report: ReplayReport) -> None:
         self.out = out
         self.report = report
-        self.pending: dict[dt.date, list[BatchPart]] = {}
+        self.pending: dict[dt.date, list[StationBatch]] = {}
         self.objects = 0
         self.size = 0
 
-    def add(self, decoded: _Decoded) -> None:
-        for day, part in decoded.parts.items():
-            self.pending.setdefault(day, []).append(part)
+    def add(self, prepared: Prepared) -> None:
+        for day, batch in prepared.batches.items():
+            self.pending.setdefault(day, []).append(batch)
         self.objects += 1
-        self.size += decoded.size
+        self.size += prepared.size
         if self.objects >= GROUP_OBJECTS or self.size >= GROUP_BYTES:
             self.flush()
 
@@ -219,7 +273,7 @@ class _Appender:
         for day in sorted(self.pending):
             path = day_file_path(self.out, day)
             with DayFile(path) as day_file:
-                appended = day_file.write(self.pending[day])
+                appended = self._append(day_file, self.pending[day])
             self.report.rows += sum(appended.rows.values())
             self.report.skipped_events += appended.skipped_events.total
             self.report.duplicates += len(appended.skipped_duplicates)
@@ -228,22 +282,20 @@ class _Appender:
         self.pending.clear()
         self.objects = self.size = 0
 
-
-def decode_object(
-    stored: StoredObject,
-    days: set[dt.date],
-    minimum_year: int,
-    cluster_of: ClusterLookup,
-) -> _Decoded:
-    """The live writer's plan of an object (:func:`plan_object`), keeping ``days`` only.
-
-    The ledger key is the object's ``incoming/`` key, as the live writer recorded it.
-    Raises PayloadError or NoCluster for an object that cannot be written.
-    """
-    plan = plan_object(ledger_key(stored.key), stored.body, stored.metadata, stored.etag,
-                       minimum_year=minimum_year, cluster_of=cluster_of, context=stored.key)
-    parts = {day: part for day, part in plan.parts.items() if day in days}
-    return _Decoded(parts, len(stored.body), sum(len(p.events) for p in parts.values()))
+    @staticmethod
+    def _append(day_file: DayFile, batches: list[StationBatch]) -> AppendReport:
+        parts = [batch.parts[0] for batch in batches]
+        new, duplicates = day_file.new_parts(parts)
+        fresh = {id(part) for part in new}
+        stations: dict[tuple[str, int], list[StationBatch]] = {}
+        for batch in batches:
+            if id(batch.parts[0]) in fresh:
+                stations.setdefault((cluster_node(batch.cluster), batch.station),
+                                    []).append(batch)
+        merged = [merge_batches(group) for group in stations.values()]
+        appended = day_file.append(merged, order=new) if new else AppendReport()
+        appended.skipped_duplicates = duplicates
+        return appended
 
 
 def _ordered_groups(bucket: Bucket, prefixes: Sequence[str],
@@ -279,8 +331,13 @@ def replay(
     late_days: int = DEFAULT_LATE_DAYS,
     include_incoming: bool = True,
     progress: bool = False,
+    jobs: int = 1,
 ) -> ReplayReport:
-    """Rebuild the day files of ``first``..``last`` into ``out`` (see the module doc)."""
+    """Rebuild the day files of ``first``..``last`` into ``out`` (see the module doc).
+
+    ``jobs`` > 1 decodes and builds rows in that many worker processes; this process
+    fetches the objects and appends, in the same order, so the files hold the same rows.
+    """
     started = time.perf_counter()
     if last < first:
         raise ValueError("--to is before --from")
@@ -297,18 +354,39 @@ def replay(
     total, total_bytes = _count(bucket, prefixes) if progress else (None, None)
     bar = Progress(total, total_bytes, progress, "replay")
     appender = _Appender(Path(out), report)
-    cluster_of = cluster_lookup(settings.station_list)
+    frozen = frozenset(days)
+    workers = _workers(jobs)
+    in_flight: deque[tuple[str, Future[Prepared] | Prepared | Exception]] = deque()
+    window = max(S3_THREADS * 2, 4 * jobs)
+
+    def settle(limit: int) -> None:
+        while len(in_flight) > limit:
+            key, work = in_flight.popleft()
+            if isinstance(work, Future):
+                work = work.result()
+            _take(key, work, appender, report, bar)
+
     try:
         with ThreadPoolExecutor(S3_THREADS, thread_name_prefix="replay-s3") as pool:
             for keys in _ordered_groups(bucket, prefixes, pool):
                 # Bodies a few at a time, in order: map() keeps the order and its look-ahead
-                # is bounded by the slice.
+                # is bounded by the slice; decoding runs ``window`` objects ahead at most.
                 for start in range(0, len(keys), S3_THREADS * 2):
-                    window = keys[start:start + S3_THREADS * 2]
-                    for key, stored in zip(window, pool.map(_get(bucket), window), strict=True):
-                        _one(key, stored, days, settings, cluster_of, appender, report, bar)
+                    chunk = keys[start:start + S3_THREADS * 2]
+                    for key, stored in zip(chunk, pool.map(_get(bucket), chunk), strict=True):
+                        if isinstance(stored, Exception):
+                            in_flight.append((key, stored))
+                        else:
+                            args = (key, stored.body, stored.metadata, stored.etag, frozen,
+                                    settings.minimum_year, settings.station_list)
+                            in_flight.append((key, workers.submit(prepare, *args)
+                                              if workers else prepare(*args)))
+                        settle(window)
+            settle(0)
             appender.flush()
     finally:
+        if workers is not None:
+            workers.shutdown(cancel_futures=True)
         bar.close()
     report.files.sort()
     report.seconds = time.perf_counter() - started
@@ -325,29 +403,32 @@ def _get(bucket: Bucket) -> Callable[[str], StoredObject | Exception]:
     return get
 
 
-def _one(key: str, stored: StoredObject | Exception, days: set[dt.date], settings: Settings,
-         cluster_of: Callable[[int], str | None], appender: _Appender, report: ReplayReport,
-         bar: Progress) -> None:
-    if isinstance(stored, Exception):
-        report.problems[key] = short_reason(stored)
+def _workers(jobs: int) -> ProcessPoolExecutor | None:
+    """Worker processes for decoding, started fresh (``spawn``): this process has S3
+    clients and threads, which a forked child must not inherit (obstore is not
+    fork-safe)."""
+    if jobs <= 1:
+        return None
+    return ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"))
+
+
+def _take(key: str, work: Prepared | Exception, appender: _Appender, report: ReplayReport,
+          bar: Progress) -> None:
+    if isinstance(work, Exception):
+        report.problems[key] = short_reason(work)
         bar.advance()
         return
     report.objects += 1
-    report.bytes += len(stored.body)
-    try:
-        decoded = decode_object(stored, days, settings.minimum_year, cluster_of)
-    except (PayloadError, NoCluster) as exc:
-        log.error("%s: not replayed: %s", key, short_reason(exc))
-        report.problems[key] = short_reason(exc)
-        bar.advance(nbytes=len(stored.body))
+    report.bytes += work.size
+    if work.problem is not None:
+        log.error("%s: not replayed: %s", key, work.problem)
+        report.problems[key] = work.problem
+        bar.advance(nbytes=work.size)
         return
-    report.events_in_range += decoded.events
-    if decoded.parts:
-        appender.add(decoded)
-    bar.advance(events=decoded.events, nbytes=decoded.size)
-
-
-# ----------------------------------------------------------------------------- verify
+    report.events_in_range += work.events
+    if work.batches:
+        appender.add(work)
+    bar.advance(events=work.events, nbytes=work.size)
 
 
 @dataclass
@@ -571,6 +652,32 @@ def _non_negative(text: str) -> int:
     return value
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be 1 or more")
+    return value
+
+
+def _shard(text: str) -> tuple[int, int]:
+    index, _, count = text.partition("/")
+    if not (index.isdigit() and count.isdigit()) or not int(index) < int(count):
+        raise argparse.ArgumentTypeError("must be I/N with 0 <= I < N, e.g. 3/50")
+    return int(index), int(count)
+
+
+def shard_days(first: dt.date, last: dt.date, index: int, count: int
+               ) -> tuple[dt.date, dt.date] | None:
+    """The ``index``-th of ``count`` blocks of consecutive days (sizes differ by one at
+    most), or None when there are fewer days than shards and this one gets none."""
+    days = (last - first).days + 1
+    begin = index * days // count
+    end = (index + 1) * days // count
+    if end <= begin:
+        return None
+    return first + dt.timedelta(days=begin), first + dt.timedelta(days=end - 1)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--from", dest="first", type=_date, required=True, metavar="DATE",
                         help="first event date (UTC, YYYY-MM-DD)")
@@ -589,6 +696,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-incoming", action="store_true",
                         help="read archive/ only, not the objects still in incoming/")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--jobs", type=_positive, default=1, metavar="N",
+                        help="decode and build rows in N worker processes (default 1)")
+    parser.add_argument("--shard", type=_shard, default=None, metavar="I/N",
+                        help="rebuild only the I-th (from 0) of N blocks of consecutive days")
 
 
 def print_comparisons(comparisons: Iterable[FileComparison], stream: Any = None) -> bool:
@@ -616,10 +727,18 @@ def run(args: argparse.Namespace) -> int:
     if args.verify:
         _import_tables()  # fail before the work, not after it
     bucket = Bucket.from_settings(settings)
+    if args.shard is not None:
+        mine = shard_days(args.first, args.last, *args.shard)
+        if mine is None:
+            print(f"replay: shard {args.shard[0]}/{args.shard[1]} has no days of "
+                  f"{args.first}..{args.last}; nothing to do")
+            return 0
+        args.first, args.last = mine
+        print(f"replay: shard {args.shard[0]}/{args.shard[1]}: {args.first}..{args.last}")
     try:
         report = replay(bucket, settings, args.first, args.last, args.out,
                         late_days=args.late_days, include_incoming=not args.no_incoming,
-                        progress=not args.no_progress)
+                        progress=not args.no_progress, jobs=args.jobs)
     except ValueError as exc:
         print(f"datastore replay: {exc}", file=sys.stderr)
         return 2
