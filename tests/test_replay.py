@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import json
 import pickle
 import random
 import shutil
@@ -307,3 +308,92 @@ def test_cli_replays_one_shard_with_workers(bucket: Bucket, live: Settings,
     assert done.returncode == 0, done.stderr
     assert f"shard 1/2: {DAY2}..{DAY2}" in done.stdout
     assert not day_file_path(out, DAY1).exists() and day_file_path(out, DAY2).exists()
+
+
+def replay_cli(out: Path, *extra: str) -> int:
+    """Late days 3: the batch of DAY1 uploaded on DAY1 + 3 is in a one-day shard's window."""
+    return main(["replay", "--from", str(DAY1), "--to", str(DAY2), "--late-days", "3",
+                 "--out", str(out), "--no-progress", *extra])
+
+
+def test_sharded_replay_is_verified_shard_by_shard_and_against_live(
+    bucket: Bucket, live: Settings, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The cluster run (infra/knative/replay/): shards into one volume, then --verify-only.
+    Two days in three shards: shard 0 has no days, 1 and 2 one day each."""
+    out = tmp_path / "sharded"
+    assert replay_cli(out, "--shard", "0/3") == 0
+    assert replay_cli(out, "--shard", "1/3") == 0
+    capsys.readouterr()
+    assert replay_cli(out, "--verify-only") == 1
+    printed = capsys.readouterr().out
+    assert "1 of 3 shards did not finish (no report): 2" in printed, printed
+    assert "verify: DIFFERENT" in printed
+
+    assert replay_cli(out, "--shard", "2/3") == 0
+    report = json.loads(
+        (out / "replay-reports" / f"{DAY1}_{DAY2}" / "shard-0002-of-0003.json").read_text()
+    )
+    assert report["days"] == [str(DAY2), str(DAY2)] and report["problems"] == {}
+    assert report["files"] == {str(day_file_path(out, DAY2).relative_to(out)): report["rows"]}
+    capsys.readouterr()
+    assert replay_cli(out, "--verify-only") == 0
+    printed = capsys.readouterr().out
+    assert "shards: 3 expected" in printed and "verify: identical" in printed, printed
+    assert f"{DAY1}: identical" in printed and f"{DAY2}: identical" in printed
+
+    # A finished shard is not run again by accident; --replace runs it again.
+    assert replay_cli(out, "--shard", "2/3") == 2
+    assert "finished already" in capsys.readouterr().err
+    assert replay_cli(out, "--shard", "2/3", "--replace") == 0
+    assert replay_cli(out, "--verify-only") == 0
+
+
+def test_verify_only_without_live_files_checks_each_rebuilt_file(
+    bucket: Bucket, live: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str]
+) -> None:
+    """After a lost volume there is nothing to compare with: each rebuilt file must open,
+    read through and hold the rows its shard's report names."""
+    out = tmp_path / "rebuilt"
+    assert replay_cli(out, "--shard", "0/2") == 0
+    assert replay_cli(out, "--shard", "1/2") == 0
+    empty = tmp_path / "new-volume"
+    empty.mkdir()
+    monkeypatch.setenv("DATASTORE_GENERAL_DATA_DIR", str(empty))
+    capsys.readouterr()
+    assert replay_cli(out, "--verify-only") == 0
+    printed = capsys.readouterr().out
+    assert "checked on its own" in printed and "verify: identical" in printed, printed
+
+    # A report that does not match its file (a shard cut short, a file swapped) is caught.
+    path = out / "replay-reports" / f"{DAY1}_{DAY2}" / "shard-0001-of-0002.json"
+    record = json.loads(path.read_text())
+    (name, rows), = record["files"].items()
+    record["files"][name] = rows + 1
+    path.write_text(json.dumps(record))
+    assert replay_cli(out, "--verify-only") == 1
+    assert f"{rows} table rows, its shard wrote {rows + 1}" in capsys.readouterr().out
+
+    # A damaged file: reported, not a traceback.
+    day_file_path(out, DAY1).write_bytes(b"\0" * 4096)
+    assert replay_cli(out, "--verify-only") == 1
+    assert "cannot be read through" in capsys.readouterr().out
+
+
+def test_reports_of_two_different_shard_counts_are_a_difference(
+    bucket: Bucket, live: Settings, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "mixed"
+    assert replay_cli(out, "--shard", "0/2") == 0
+    assert replay_cli(out, "--replace") == 0  # all days again, as shard 0 of 1
+    capsys.readouterr()
+    assert replay_cli(out, "--verify-only") == 1
+    assert "different shard counts [1, 2]" in capsys.readouterr().out
+
+
+def test_verify_only_of_a_range_never_replayed(
+    live: Settings, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert replay_cli(tmp_path / "nothing", "--verify-only") == 1
+    assert "no shard report" in capsys.readouterr().out

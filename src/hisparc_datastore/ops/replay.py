@@ -43,15 +43,24 @@ Scale.  ``--jobs N`` decodes and builds rows in N worker processes while this pr
 fetches and appends, in the same order: the same rows as one process (tested), faster
 where decoding is the cost.  ``--shard I/N`` rebuilds only the I-th of N blocks of
 consecutive days of ``--from``..``--to``: different days are different files, so shards
-run anywhere at once (a Kubernetes Indexed Job: infra/replay/) into one output volume.
+run anywhere at once (a Kubernetes Indexed Job: infra/knative/replay/) into one
+output volume.
 Each reads the archive days its own days need, so a shard of D days reads D +
-``--late-days`` + 1 archive days: fewer, longer shards read less twice.
+``--late-days`` + 1 archive days: fewer, longer shards read less twice.  The late window
+is counted from a shard's own last day, so a batch uploaded more than ``--late-days``
+after its events can be in an unsharded replay of a longer range and not in the shard's;
+the verify against the live files names it.  Each shard records what it wrote in a
+report (``replay-reports/<from>_<to>/shard-I-of-N.json`` below ``--out``), written when
+it finishes; ``--verify-only`` then checks that every shard finished, with no unusable
+object, and compares each day file with the live one, or, where ``data_dir`` holds none
+(the lost volume), reads each rebuilt file through and counts its rows.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as dt
+import json
 import logging
 import multiprocessing
 import sys
@@ -64,7 +73,9 @@ from itertools import groupby
 from pathlib import Path
 from typing import Any
 
+import h5py
 import numpy as np
+from numpy.lib.recfunctions import repack_fields
 
 from hisparc_datastore.config import Settings, load_settings, require_s3_credentials
 from hisparc_datastore.format.keys import ARCHIVE, INCOMING
@@ -80,7 +91,12 @@ from hisparc_datastore.format.rows import (
 from hisparc_datastore.format.schema import BLOBS_NODE, ROOT_GROUP, TABLES, cluster_node
 from hisparc_datastore.logs import setup_logging
 from hisparc_datastore.stations import cluster_lookup
-from hisparc_datastore.storage.dayfile import AppendReport, DayFile, day_file_path
+from hisparc_datastore.storage.dayfile import (
+    LEDGER_GROUP,
+    AppendReport,
+    DayFile,
+    day_file_path,
+)
 from hisparc_datastore.storage.store import (
     S3_THREADS,
     Bucket,
@@ -96,7 +112,8 @@ DEFAULT_LATE_DAYS = 7
 #: An append group holds at most this many objects or body bytes (then it is written).
 GROUP_OBJECTS = 500
 GROUP_BYTES = 8 * 1024 * 1024
-#: Concurrent S3 requests (HEAD for the order, GET for the bodies).
+#: The ledger's table of bucket keys, in every day file.
+LEDGER_NODE = f"/{LEDGER_GROUP}/keys"
 
 
 # ----------------------------------------------------------------------------- keys
@@ -193,6 +210,8 @@ class ReplayReport:
     skipped_events: int = 0
     problems: dict[str, str] = field(default_factory=dict)  # key -> why it was not used
     files: list[Path] = field(default_factory=list)
+    #: table rows written per day file (its ledger not counted)
+    file_rows: dict[Path, int] = field(default_factory=dict)
     seconds: float = 0.0
 
     def summary(self) -> str:
@@ -274,7 +293,9 @@ class _Appender:
             path = day_file_path(self.out, day)
             with DayFile(path) as day_file:
                 appended = self._append(day_file, self.pending[day])
-            self.report.rows += sum(appended.rows.values())
+            added = sum(appended.rows.values())
+            self.report.rows += added
+            self.report.file_rows[path] = self.report.file_rows.get(path, 0) + added
             self.report.skipped_events += appended.skipped_events.total
             self.report.duplicates += len(appended.skipped_duplicates)
             if path not in self.report.files:
@@ -332,11 +353,14 @@ def replay(
     include_incoming: bool = True,
     progress: bool = False,
     jobs: int = 1,
+    replace: bool = False,
 ) -> ReplayReport:
     """Rebuild the day files of ``first``..``last`` into ``out`` (see the module doc).
 
     ``jobs`` > 1 decodes and builds rows in that many worker processes; this process
     fetches the objects and appends, in the same order, so the files hold the same rows.
+    ``replace`` deletes day files of the range already in ``out`` first (a shard run
+    again after a crash) instead of refusing.
     """
     started = time.perf_counter()
     if last < first:
@@ -345,8 +369,13 @@ def replay(
         raise ValueError("the output directory is the live data_dir; replay never writes there")
     days = set(event_days(first, last))
     existing = [p for p in map(lambda d: day_file_path(out, d), sorted(days)) if p.exists()]
-    if existing:
-        raise ValueError(f"{existing[0]} already exists; replay into an empty directory")
+    if existing and not replace:
+        raise ValueError(
+            f"{existing[0]} already exists; replay into an empty directory (or --replace)"
+        )
+    for path in existing:
+        log.warning("replay: %s: deleting the earlier replay's file (--replace)", path)
+        path.unlink()
     prefixes = [archive_day_prefix(day) for day in archive_days(first, last, late_days)]
     if include_incoming:
         prefixes.append(INCOMING)
@@ -438,17 +467,6 @@ class FileComparison:
     day: dt.date
     differences: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
-
-
-def _import_tables() -> Any:
-    try:
-        import tables
-    except ImportError:
-        raise SystemExit(
-            "datastore replay --verify needs PyTables: pip install 'hisparc-datastore[dev]' "
-            "(or pip install tables)"
-        ) from None
-    return tables
 
 
 def _blob_columns(table: str) -> list[str]:
@@ -543,19 +561,50 @@ def _compare_blobs(node: str, live: Sequence[bytes], rebuilt: Sequence[bytes],
     result.differences.append(f"{node}: blobs differ, first at index {first}")
 
 
-def _nodes(h5: Any) -> dict[str, Any]:
-    if f"/{ROOT_GROUP}" not in h5:
-        return {}
-    return {node._v_pathname: node for node in h5.walk_nodes(f"/{ROOT_GROUP}")}
+def _nodes(h5: h5py.File) -> dict[str, h5py.Group | h5py.Dataset]:
+    """Every group and dataset below the root group, by PyTables path."""
+    found: dict[str, h5py.Group | h5py.Dataset] = {}
+    if ROOT_GROUP in h5:
+        h5[ROOT_GROUP].visititems(
+            lambda name, node: found.__setitem__(f"/{ROOT_GROUP}/{name}", node)
+        )
+    return found
+
+
+def _attribute(node: h5py.HLObject, name: str) -> str | None:
+    """A PyTables attribute (CLASS, TITLE) as text, however it was stored."""
+    value = node.attrs.get(name)
+    if value is None:
+        return None
+    if isinstance(value, np.ndarray):
+        value = value.item() if value.size == 1 else value.tobytes()
+    if isinstance(value, bytes | np.bytes_):
+        return bytes(value).decode("utf-8", "replace")
+    return str(value)
+
+
+def _kind(node: h5py.HLObject) -> str:
+    """PyTables' node class (``TABLE``, ``VLARRAY``, ``GROUP``, ...)."""
+    return _attribute(node, "CLASS") or ("GROUP" if isinstance(node, h5py.Group) else "?")
+
+
+def _read_table(dataset: h5py.Dataset) -> np.ndarray:
+    """The rows without padding, so two files' rows compare byte for byte."""
+    return repack_fields(dataset[()]) if dataset.shape else np.zeros(0, dataset.dtype)
+
+
+def _read_blobs(dataset: h5py.Dataset) -> list[bytes]:
+    return [np.asarray(cell, dtype=np.uint8).tobytes() for cell in dataset[()]]
 
 
 def compare_files(live_path: Path, rebuilt_path: Path, day: dt.date,
                   strict_order: bool = False, ledger: bool = True) -> FileComparison:
-    """Every difference between two day files, through PyTables (see the module doc).
+    """Every difference between two day files (see the module doc).
 
+    Read with h5py, the library the writer image has, so the check runs in the cluster
+    (infra/knative/replay/); that PyTables reads the files is what the tests check.
     ``ledger=False`` compares the station data only, not which bucket keys wrote it.
     """
-    tables = _import_tables()
     result = FileComparison(day)
     if not live_path.exists() and not rebuilt_path.exists():
         return result
@@ -565,66 +614,82 @@ def compare_files(live_path: Path, rebuilt_path: Path, day: dt.date,
     if not rebuilt_path.exists():
         result.differences.append(f"{rebuilt_path}: not rebuilt (the live file exists)")
         return result
-    opened = []
+    opened: list[h5py.File] = []
     for which, path in (("live", live_path), ("rebuilt", rebuilt_path)):
         try:
-            opened.append(tables.open_file(path, "r"))
-        except (OSError, tables.HDF5ExtError) as exc:
+            opened.append(h5py.File(path, "r"))
+        except OSError as exc:
             for h5 in opened:
                 h5.close()
-            problem = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
-            result.differences.append(f"{path}: the {which} file cannot be opened ({problem})")
+            result.differences.append(
+                f"{path}: the {which} file cannot be opened ({_last_line(exc)})"
+            )
             return result
     with opened[0] as h5_live, opened[1] as h5_re:
-        live_nodes, rebuilt_nodes = _nodes(h5_live), _nodes(h5_re)
-        for path in sorted(live_nodes.keys() - rebuilt_nodes.keys()):
-            result.differences.append(f"{path}: only in the live file")
-        for path in sorted(rebuilt_nodes.keys() - live_nodes.keys()):
-            result.differences.append(f"{path}: only in the replayed file")
-        blob_cache: dict[tuple[int, str], list[bytes]] = {}
-
-        def blobs_of(which: int, nodes: dict[str, Any], station: str) -> list[bytes]:
-            cached = blob_cache.get((which, station))
-            if cached is None:
-                node = nodes.get(f"{station}/{BLOBS_NODE}")
-                cached = blob_cache[(which, station)] = [] if node is None else list(node.read())
-            return cached
-
-        for path in sorted(live_nodes.keys() & rebuilt_nodes.keys()):
-            a, b = live_nodes[path], rebuilt_nodes[path]
-            if type(a) is not type(b):
-                result.differences.append(
-                    f"{path}: {type(a).__name__} live, {type(b).__name__} replayed"
-                )
-                continue
-            if getattr(a, "title", None) != getattr(b, "title", None):
-                result.differences.append(f"{path}: titles differ ({a.title!r} vs {b.title!r})")
-            station = path.rsplit("/", 1)[0]
-            if isinstance(a, tables.Table):
-                _compare_table(path, a.read(), b.read(), blobs_of(0, live_nodes, station),
-                               blobs_of(1, rebuilt_nodes, station), result)
-            elif isinstance(a, tables.VLArray):
-                _compare_blobs(path, blobs_of(0, live_nodes, station),
-                               blobs_of(1, rebuilt_nodes, station), result)
-        if ledger:
-            _compare_ledgers(h5_live, h5_re, result)
+        try:
+            _compare_contents(h5_live, h5_re, result)
+            if ledger:
+                _compare_ledgers(h5_live, h5_re, result)
+        except (OSError, KeyError, ValueError, TypeError) as exc:
+            result.differences.append(f"{day}: a node cannot be read ({_last_line(exc)})")
     if strict_order:
         result.differences += result.notes
         result.notes = []
     return result
 
 
-def _compare_ledgers(h5_live: Any, h5_rebuilt: Any, result: FileComparison) -> None:
-    """Objects written into one file but not the other: names the batch behind a gap."""
-    def keys(h5: Any) -> set[bytes]:
-        node = "/_datastore/keys"
-        return set(h5.get_node(node).col("key").tolist()) if node in h5 else set()
+def _last_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[-1] if text else type(exc).__name__
 
-    live, rebuilt = keys(h5_live), keys(h5_rebuilt)
+
+def _compare_contents(h5_live: h5py.File, h5_re: h5py.File, result: FileComparison) -> None:
+    live_nodes, rebuilt_nodes = _nodes(h5_live), _nodes(h5_re)
+    for path in sorted(live_nodes.keys() - rebuilt_nodes.keys()):
+        result.differences.append(f"{path}: only in the live file")
+    for path in sorted(rebuilt_nodes.keys() - live_nodes.keys()):
+        result.differences.append(f"{path}: only in the replayed file")
+    blob_cache: dict[tuple[int, str], list[bytes]] = {}
+
+    def blobs_of(which: int, nodes: dict[str, Any], station: str) -> list[bytes]:
+        cached = blob_cache.get((which, station))
+        if cached is None:
+            node = nodes.get(f"{station}/{BLOBS_NODE}")
+            cached = blob_cache[(which, station)] = [] if node is None else _read_blobs(node)
+        return cached
+
+    for path in sorted(live_nodes.keys() & rebuilt_nodes.keys()):
+        a, b = live_nodes[path], rebuilt_nodes[path]
+        if _kind(a) != _kind(b):
+            result.differences.append(f"{path}: {_kind(a)} live, {_kind(b)} replayed")
+            continue
+        if _attribute(a, "TITLE") != _attribute(b, "TITLE"):
+            result.differences.append(
+                f"{path}: titles differ ({_attribute(a, 'TITLE')!r} vs "
+                f"{_attribute(b, 'TITLE')!r})"
+            )
+        station = path.rsplit("/", 1)[0]
+        if _kind(a) == "TABLE":
+            _compare_table(path, _read_table(a), _read_table(b), blobs_of(0, live_nodes, station),
+                           blobs_of(1, rebuilt_nodes, station), result)
+        elif _kind(a) == "VLARRAY":
+            _compare_blobs(path, blobs_of(0, live_nodes, station),
+                           blobs_of(1, rebuilt_nodes, station), result)
+
+
+def _compare_ledgers(h5_live: h5py.File, h5_rebuilt: h5py.File,
+                     result: FileComparison) -> None:
+    """Objects written into one file but not the other: names the batch behind a gap."""
+    live, rebuilt = _ledger_keys(h5_live), _ledger_keys(h5_rebuilt)
     for key in sorted(live - rebuilt)[:20]:
         result.differences.append(f"ledger: {key.decode()} written live, not replayed")
     for key in sorted(rebuilt - live)[:20]:
         result.differences.append(f"ledger: {key.decode()} replayed, not in the live ledger")
+
+
+def _ledger_keys(h5: h5py.File) -> set[bytes]:
+    node = h5.get(LEDGER_NODE)
+    return set(node["key"].tolist()) if node is not None and node.shape else set()
 
 
 def verify(data_dir: Path, out: Path, first: dt.date, last: dt.date,
@@ -633,6 +698,195 @@ def verify(data_dir: Path, out: Path, first: dt.date, last: dt.date,
         compare_files(day_file_path(data_dir, day), day_file_path(out, day), day, strict_order)
         for day in event_days(first, last)
     ]
+
+
+# ----------------------------------------------------------------------------- shards
+
+
+#: Below ``--out``: one folder per replayed range, one JSON report per finished shard.
+REPORTS = "replay-reports"
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One of ``count`` parts of the replay of ``first``..``last`` (0 of 1: all of it)."""
+
+    first: dt.date
+    last: dt.date
+    index: int = 0
+    count: int = 1
+
+    @property
+    def days(self) -> tuple[dt.date, dt.date] | None:
+        return shard_days(self.first, self.last, self.index, self.count)
+
+    def report_path(self, out: Path) -> Path:
+        return reports_folder(out, self.first, self.last) / (
+            f"shard-{self.index:04d}-of-{self.count:04d}.json"
+        )
+
+
+def reports_folder(out: Path, first: dt.date, last: dt.date) -> Path:
+    return Path(out) / REPORTS / f"{first}_{last}"
+
+
+def write_shard_report(out: Path, shard: Shard, report: ReplayReport | None) -> Path:
+    """Record that ``shard`` finished, and what it wrote: the final verify's evidence.
+
+    Written last and atomically (a temporary file renamed), so a report exists only for
+    a shard that ran to its end; ``report`` is None for a shard that has no days.
+    """
+    days = shard.days
+    record: dict[str, Any] = {
+        "shard": shard.index,
+        "shards": shard.count,
+        "from": str(shard.first),
+        "to": str(shard.last),
+        "days": None if days is None else [str(days[0]), str(days[1])],
+        "finished": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+    }
+    if report is not None:
+        record.update(
+            objects=report.objects,
+            events_in_range=report.events_in_range,
+            rows=report.rows,
+            seconds=round(report.seconds, 1),
+            files={str(path.relative_to(out)): rows
+                   for path, rows in sorted(report.file_rows.items())},
+            problems=report.problems,
+        )
+    path = shard.report_path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    scratch = path.with_suffix(".json.partial")
+    scratch.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+    scratch.replace(path)
+    return path
+
+
+@dataclass
+class ShardCheck:
+    """What the shard reports of one replayed range say."""
+
+    differences: list[str] = field(default_factory=list)
+    #: rebuilt day file (relative to ``out``) -> table rows its shard wrote
+    file_rows: dict[str, int] = field(default_factory=dict)
+    shards: int = 0
+
+
+def check_shard_reports(out: Path, first: dt.date, last: dt.date) -> ShardCheck:
+    """Every shard of the range finished, with the same shard count and no unusable
+    object; each difference names the shard, so its pod's log can be looked up."""
+    check = ShardCheck()
+    folder = reports_folder(out, first, last)
+    records = []
+    for path in sorted(folder.glob("shard-*-of-*.json")):
+        try:
+            records.append(json.loads(path.read_text(encoding="utf-8")))
+        except (OSError, ValueError) as exc:
+            check.differences.append(f"{path}: unreadable report ({_last_line(exc)})")
+    if not records:
+        check.differences.append(
+            f"no shard report in {folder}: no replay of {first}..{last} finished into {out}"
+        )
+        return check
+    counts = sorted({record["shards"] for record in records})
+    if len(counts) > 1:
+        check.differences.append(
+            f"{folder}: reports of replays with different shard counts {counts} (run with "
+            f"one --shard I/N for every I, into an empty directory)"
+        )
+        return check
+    check.shards = counts[0]
+    missing = sorted(set(range(check.shards)) - {record["shard"] for record in records})
+    if missing:
+        shown = ", ".join(map(str, missing[:20])) + (", ..." if len(missing) > 20 else "")
+        check.differences.append(
+            f"{len(missing)} of {check.shards} shards did not finish (no report): {shown}"
+        )
+    for record in records:
+        problems = record.get("problems") or {}
+        if problems:
+            key, reason = sorted(problems.items())[0]
+            check.differences.append(
+                f"shard {record['shard']}/{record['shards']}: {len(problems)} objects not "
+                f"replayed (first: {key}: {reason})"
+            )
+        check.file_rows.update(record.get("files") or {})
+    return check
+
+
+def check_rebuilt_file(path: Path, day: dt.date, expected_rows: int | None) -> FileComparison:
+    """A rebuilt day file on its own (no live file to compare with): it opens, every
+    node reads through, and its tables hold the rows its shard wrote."""
+    result = FileComparison(day)
+    if not path.exists():
+        if expected_rows:
+            result.differences.append(f"{path}: missing (its shard wrote {expected_rows} rows)")
+        return result
+    try:
+        with h5py.File(path, "r") as h5:
+            rows = 0
+            for node in _nodes(h5).values():
+                if _kind(node) == "TABLE":
+                    rows += len(_read_table(node))
+                elif _kind(node) == "VLARRAY":
+                    _read_blobs(node)
+            _ledger_keys(h5)
+    except (OSError, KeyError, ValueError, TypeError) as exc:
+        result.differences.append(f"{path}: cannot be read through ({_last_line(exc)})")
+        return result
+    if expected_rows is None:
+        result.differences.append(f"{path}: no shard report names this file")
+    elif rows != expected_rows:
+        result.differences.append(
+            f"{path}: {rows} table rows, its shard wrote {expected_rows}"
+        )
+    return result
+
+
+@dataclass
+class ReplayCheck:
+    """The final verify of a (sharded) replay: its shards, then its files."""
+
+    shards: ShardCheck
+    comparisons: list[FileComparison]
+    against_live: bool
+
+    @property
+    def identical(self) -> bool:
+        return not self.shards.differences and not any(c.differences for c in self.comparisons)
+
+
+def verify_replay(data_dir: Path, out: Path, first: dt.date, last: dt.date,
+                  strict_order: bool = False) -> ReplayCheck:
+    """Check a finished replay in ``out``: every shard's report, then each day file
+    against the live one in ``data_dir``, or, when ``data_dir`` holds none of the range's
+    files (the volume that was lost), each rebuilt file on its own."""
+    shards = check_shard_reports(out, first, last)
+    days = event_days(first, last)
+    against_live = any(day_file_path(data_dir, day).exists() for day in days)
+    if against_live:
+        comparisons = verify(data_dir, out, first, last, strict_order)
+    else:
+        comparisons = []
+        for day in days:
+            path = day_file_path(out, day)
+            relative = str(path.relative_to(out))
+            comparisons.append(check_rebuilt_file(path, day, shards.file_rows.get(relative)))
+    return ReplayCheck(shards, comparisons, against_live)
+
+
+def print_replay_check(check: ReplayCheck, data_dir: Path, stream: Any = None) -> bool:
+    stream = stream or sys.stdout
+    if check.shards.shards:
+        print(f"shards: {check.shards.shards} expected", file=stream)
+    for line in check.shards.differences:
+        print(f"  - {line}", file=stream)
+    if not check.against_live:
+        print(f"no live day file of this range in {data_dir}: each rebuilt file checked on "
+              "its own (opens, reads through, holds the rows its shard wrote)", file=stream)
+    return print_comparisons(check.comparisons, stream,
+                             other_differences=bool(check.shards.differences))
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -700,12 +954,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="decode and build rows in N worker processes (default 1)")
     parser.add_argument("--shard", type=_shard, default=None, metavar="I/N",
                         help="rebuild only the I-th (from 0) of N blocks of consecutive days")
+    parser.add_argument("--replace", action="store_true",
+                        help="delete day files of the range already in --out first (a "
+                             "shard run again after a crash) instead of refusing")
+    parser.add_argument("--verify-only", action="store_true",
+                        help="rebuild nothing: check a finished replay in --out (every "
+                             "shard's report, then each file against data_dir's, or on "
+                             "its own where data_dir has none); exit 1 on differences")
 
 
-def print_comparisons(comparisons: Iterable[FileComparison], stream: Any = None) -> bool:
-    """Print the verify report; True when nothing differs."""
+def print_comparisons(comparisons: Iterable[FileComparison], stream: Any = None,
+                      *, other_differences: bool = False) -> bool:
+    """Print the verify report, day by day and a last line; True when nothing differs
+    (``other_differences``: something the caller printed already does)."""
     stream = stream or sys.stdout
-    identical = True
+    identical = not other_differences
     for comparison in comparisons:
         if comparison.differences:
             identical = False
@@ -722,23 +985,40 @@ def print_comparisons(comparisons: Iterable[FileComparison], stream: Any = None)
 
 def run(args: argparse.Namespace) -> int:
     settings = load_settings()
-    require_s3_credentials(settings)
     setup_logging(settings)
-    if args.verify:
-        _import_tables()  # fail before the work, not after it
+    if args.last < args.first:
+        print("datastore replay: --to is before --from", file=sys.stderr)
+        return 2
+    if args.verify_only:
+        if args.verify or args.shard is not None:
+            print("datastore replay: --verify-only checks every shard's output; it takes "
+                  "neither --verify nor --shard", file=sys.stderr)
+            return 2
+        check = verify_replay(settings.data_dir, args.out, args.first, args.last,
+                              args.strict_order)
+        return 0 if print_replay_check(check, settings.data_dir) else 1
+    require_s3_credentials(settings)
     bucket = Bucket.from_settings(settings)
-    if args.shard is not None:
-        mine = shard_days(args.first, args.last, *args.shard)
-        if mine is None:
-            print(f"replay: shard {args.shard[0]}/{args.shard[1]} has no days of "
-                  f"{args.first}..{args.last}; nothing to do")
-            return 0
-        args.first, args.last = mine
-        print(f"replay: shard {args.shard[0]}/{args.shard[1]}: {args.first}..{args.last}")
+    shard = Shard(args.first, args.last, *(args.shard or (0, 1)))
+    days = shard.days
+    if days is None:
+        print(f"replay: shard {shard.index}/{shard.count} has no days of "
+              f"{args.first}..{args.last}; nothing to do")
+        write_shard_report(args.out, shard, None)
+        return 0
+    if shard.count > 1:
+        print(f"replay: shard {shard.index}/{shard.count}: {days[0]}..{days[1]}")
+    finished = shard.report_path(args.out)
+    if finished.exists():
+        if not args.replace:
+            print(f"datastore replay: {finished} says this replay finished already; "
+                  "--replace runs it again", file=sys.stderr)
+            return 2
+        finished.unlink()  # the files are about to go: no report may vouch for them
     try:
-        report = replay(bucket, settings, args.first, args.last, args.out,
+        report = replay(bucket, settings, days[0], days[1], args.out,
                         late_days=args.late_days, include_incoming=not args.no_incoming,
-                        progress=not args.no_progress, jobs=args.jobs)
+                        progress=not args.no_progress, jobs=args.jobs, replace=args.replace)
     except ValueError as exc:
         print(f"datastore replay: {exc}", file=sys.stderr)
         return 2
@@ -748,9 +1028,10 @@ def run(args: argparse.Namespace) -> int:
     print(report.summary())
     for key, problem in sorted(report.problems.items()):
         print(f"  not replayed: {key}: {problem}")
+    print(f"replay: report {write_shard_report(args.out, shard, report)}")
     if not args.verify:
         return 1 if report.problems else 0
     identical = print_comparisons(
-        verify(settings.data_dir, args.out, args.first, args.last, args.strict_order)
+        verify(settings.data_dir, args.out, days[0], days[1], args.strict_order)
     )
     return 0 if identical and not report.problems else 1

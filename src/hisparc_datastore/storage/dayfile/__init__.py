@@ -20,7 +20,7 @@ from hisparc_datastore.storage.dayfile.errors import (
     DayFileLocked,
     is_volume_failure,
 )
-from hisparc_datastore.storage.dayfile.ledger import ledger_entry
+from hisparc_datastore.storage.dayfile.ledger import LEDGER_GROUP, ledger_entry
 from hisparc_datastore.storage.dayfile.volume import day_file_path, held_open, probe_volume
 
 __all__ = [
@@ -30,6 +30,7 @@ __all__ = [
     "DayFileError",
     "DayFileIOError",
     "DayFileLocked",
+    "LEDGER_GROUP",
     "day_file_path",
     "held_open",
     "is_volume_failure",
