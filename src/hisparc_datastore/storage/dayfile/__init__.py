@@ -24,13 +24,13 @@ from hisparc_datastore.storage.dayfile.ledger import LEDGER_GROUP, ledger_entry
 from hisparc_datastore.storage.dayfile.volume import day_file_path, held_open, probe_volume
 
 __all__ = [
+    "LEDGER_GROUP",
     "AppendReport",
     "DayFile",
     "DayFileBusy",
     "DayFileError",
     "DayFileIOError",
     "DayFileLocked",
-    "LEDGER_GROUP",
     "day_file_path",
     "held_open",
     "is_volume_failure",
