@@ -763,6 +763,14 @@ def write_shard_report(out: Path, shard: Shard, report: ReplayReport | None) -> 
     return path
 
 
+def _finished_cleanly(path: Path) -> bool:
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(record, dict) and not record.get("problems")
+
+
 @dataclass
 class ShardCheck:
     """What the shard reports of one replayed range say."""
@@ -957,6 +965,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--replace", action="store_true",
                         help="delete day files of the range already in --out first (a "
                              "shard run again after a crash) instead of refusing")
+    parser.add_argument("--skip-finished", action="store_true",
+                        help="exit at once when this shard's report says it finished with "
+                             "every object used (a Job run again redoes only the rest)")
     parser.add_argument("--verify-only", action="store_true",
                         help="rebuild nothing: check a finished replay in --out (every "
                              "shard's report, then each file against data_dir's, or on "
@@ -1010,6 +1021,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"replay: shard {shard.index}/{shard.count}: {days[0]}..{days[1]}")
     finished = shard.report_path(args.out)
     if finished.exists():
+        if args.skip_finished and _finished_cleanly(finished):
+            print(f"replay: {finished} says this shard finished with every object used; "
+                  "nothing to do (--skip-finished)")
+            return 0
         if not args.replace:
             print(f"datastore replay: {finished} says this replay finished already; "
                   "--replace runs it again", file=sys.stderr)
