@@ -136,8 +136,22 @@ def test_the_functions_do_not_serve_metrics_to_stations(upload: Served) -> None:
 
 @pytest.mark.skipif(not MONITORING.exists(), reason="infra/monitoring/ not written yet")
 def test_every_metric_the_rules_and_dashboard_use_is_served(
-    upload: Served, writer: Served
+    upload: Served, writer: Served, bucket: Bucket
 ) -> None:
+    """After one of each thing an operator watches (an upload, a refused one, a
+    notification, a sweep): a labelled series exists only once it was first counted."""
+    body = dumps_py2(make_batch(3, 501))
+    assert [post(upload, 501, body), post(upload, 501, body, password="wrong")] == [
+        "100", "203"]
+    key = store_batch(bucket, make_batch(2, 7001), 7001)
+    assert requests.post(writer.url, data=minio_body(bucket.name, [key]),
+                         headers={"Content-Type": "application/json"},
+                         timeout=60).status_code == 200
+    headers, sweep = cloudevent_binary(json.dumps({"limit": 10}).encode(),
+                                       "org.hisparc.datastore.sweep")
+    assert requests.post(writer.url, data=sweep, headers=headers, timeout=60).status_code == 202
+    wait_for(lambda: value(scrape(writer),
+                           "datastore_writer_last_sweep_timestamp_seconds") > 0, 30)
     served: set[str] = set()
     for function in (upload, writer):
         served |= {name.split("{")[0] for name in scrape(function)}

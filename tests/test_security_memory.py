@@ -154,7 +154,8 @@ def test_the_writer_memory_limit_holds_the_worst_decode_of_the_largest_body() ->
     config = configparser.ConfigParser()
     config.read(root / "functions" / "config.ini")
     max_body = config.getint("Upload", "max_body_bytes")
-    service = yaml.safe_load((root / "infra" / "knative" / "base" / "writer-service.yaml").read_text())
+    manifest = root / "infra" / "knative" / "base" / "writer-service.yaml"
+    service = yaml.safe_load(manifest.read_text())
     limit = service["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]["memory"]
     units = {"Mi": 2**20, "Gi": 2**30}
     limit_bytes = int(limit[:-2]) * units[limit[-2:]]
