@@ -8,6 +8,8 @@ runs here as a subprocess writing its figures as JSON:
 - cold start: process start to the first ``100`` of the upload function, the median of
   ``--cold-starts`` starts (one start is at the mercy of the page cache and the load);
 - bench/writer.py: full path and HDF5 part against the limit, sweep objects/s;
+- bench/writer_reference.py: the writer function on notifications against the reference
+  writer on its queue files (events/s, ratio);
 - bench/e2e.py: ``100`` to rows readable with PyTables at 100 stations;
 - bench/memory.py: writer peak RSS against the largest decoded batch.
 
@@ -193,6 +195,11 @@ def writer_rows(figures: dict[str, Any]) -> list[Row]:
     return rows
 
 
+def reference_rows(figures: dict[str, Any]) -> list[Row]:
+    return [Row(f"writer vs reference writer ({figures['events_per_round']} events, py2): "
+                "events/s ratio", figures["figures"]["ours / reference"], "x", 3.0)]
+
+
 def e2e_rows(figures: dict[str, Any]) -> list[Row]:
     where = f"{figures['stations']} stations"
     return [
@@ -213,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="smaller runs of everything")
     parser.add_argument("--cold-starts", type=int, default=5)
     parser.add_argument("--only", nargs="*", default=None,
-                        choices=["upload", "cold", "writer", "e2e", "memory"])
+                        choices=["upload", "cold", "writer", "reference", "e2e", "memory"])
     args = parser.parse_args(argv)
     quick = ["--quick"] if args.quick else []
 
@@ -232,6 +239,10 @@ def main(argv: list[str] | None = None) -> int:
         figures, _, load = run_script("writer.py", *quick)
         return writer_rows(figures), figures, load
 
+    def reference() -> tuple[list[Row], Any, dict[str, float]]:
+        figures, _, load = run_script("writer_reference.py", *quick)
+        return reference_rows(figures), figures, load
+
     def e2e() -> tuple[list[Row], Any, dict[str, float]]:
         figures, _, load = run_script("e2e.py", *(["--duration", "10"] if args.quick else []))
         return e2e_rows(figures), figures, load
@@ -241,7 +252,8 @@ def main(argv: list[str] | None = None) -> int:
         return memory_rows(figures), figures, load
 
     parts: dict[str, Callable[[], tuple[list[Row], Any, dict[str, float]]]] = {
-        "upload": upload, "cold": cold, "writer": writer, "e2e": e2e, "memory": memory}
+        "upload": upload, "cold": cold, "writer": writer, "reference": reference, "e2e": e2e,
+        "memory": memory}
     started = dt.datetime.now(dt.UTC)
     rows: list[tuple[str, Row]] = []
     record: dict[str, Any] = {"started": started.isoformat(), "cpus": os.cpu_count(),
