@@ -27,6 +27,8 @@ from hisparc_datastore_dev.py2pickle import dumps_py2
 from hisparc_datastore.cli import main
 from hisparc_datastore.config import Settings
 from hisparc_datastore.format.keys import incoming_key
+from hisparc_datastore.format.origin import event_day_span, event_days_text
+from hisparc_datastore.format.payload import decode_batch
 from hisparc_datastore.ops.replay import (
     archive_days,
     compare_files,
@@ -109,7 +111,7 @@ def test_keys_and_days() -> None:
 
 def test_replay_equals_live(bucket: Bucket, live: Settings, tmp_path: Path) -> None:
     out = tmp_path / "replay"
-    report = replay(bucket, live, DAY1, DAY2, out, late_days=2)
+    report = replay(bucket, live, DAY1, DAY2, out, late_days=3)
     assert not report.problems
     assert report.files == [day_file_path(out, DAY1), day_file_path(out, DAY2)]
     live_rows = {day: table_rows(day_file_path(live.data_dir, day)) for day in (DAY1, DAY2)}
@@ -131,8 +133,8 @@ def test_late_days_too_short_misses_late_upload(bucket: Bucket, live: Settings,
 
 def test_replay_twice_is_identical(bucket: Bucket, live: Settings, tmp_path: Path) -> None:
     first, second = tmp_path / "one", tmp_path / "two"
-    replay(bucket, live, DAY1, DAY2, first, late_days=2)
-    replay(bucket, live, DAY1, DAY2, second, late_days=2)
+    replay(bucket, live, DAY1, DAY2, first, late_days=3)
+    replay(bucket, live, DAY1, DAY2, second, late_days=3)
     for day in (DAY1, DAY2):
         comparison = compare_files(day_file_path(first, day), day_file_path(second, day), day,
                                    strict_order=True)
@@ -142,7 +144,7 @@ def test_replay_twice_is_identical(bucket: Bucket, live: Settings, tmp_path: Pat
 def test_verify_reports_missing_file_and_extra_row(bucket: Bucket, live: Settings,
                                                    tmp_path: Path) -> None:
     out = tmp_path / "replay"
-    replay(bucket, live, DAY1, DAY2, out, late_days=2)
+    replay(bucket, live, DAY1, DAY2, out, late_days=3)
     day1 = day_file_path(live.data_dir, DAY1)
     # An extra row in a live table, as a duplicated batch would leave.
     with h5py.File(day1, "r+") as h5:
@@ -163,7 +165,7 @@ def test_verify_reports_missing_file_and_extra_row(bucket: Bucket, live: Setting
 def test_verify_reports_blob_difference_and_order(tmp_path: Path, bucket: Bucket,
                                                   live: Settings) -> None:
     out = tmp_path / "replay"
-    replay(bucket, live, DAY1, DAY2, out, late_days=2)
+    replay(bucket, live, DAY1, DAY2, out, late_days=3)
     path = day_file_path(live.data_dir, DAY2)
     station = "/hisparc/cluster_leiden/station_7001"
     with h5py.File(path, "r+") as h5:
@@ -177,7 +179,7 @@ def test_verify_reports_blob_difference_and_order(tmp_path: Path, bucket: Bucket
 def test_verify_same_rows_other_order_is_a_note(tmp_path: Path, bucket: Bucket,
                                                 live: Settings) -> None:
     out = tmp_path / "replay"
-    replay(bucket, live, DAY1, DAY2, out, late_days=2)
+    replay(bucket, live, DAY1, DAY2, out, late_days=3)
     path = day_file_path(live.data_dir, DAY1)
     node = "/hisparc/cluster_amsterdam/station_501/singles"
     with h5py.File(path, "r+") as h5:
@@ -196,7 +198,7 @@ def test_cli_replay_verify(bucket: Bucket, live: Settings, tmp_path: Path,
                            capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "cli"
     code = main(["replay", "--from", "2024-03-01", "--to", "2024-03-02", "--out", str(out),
-                 "--late-days", "2", "--verify", "--no-progress"])
+                 "--late-days", "3", "--verify", "--no-progress"])
     printed = capsys.readouterr().out
     assert code == 0, printed
     assert "2024-03-01: identical" in printed and "verify: identical" in printed
@@ -225,7 +227,7 @@ def test_small_append_groups_change_nothing(bucket: Bucket, live: Settings, tmp_
 
     monkeypatch.setattr(replay_module, "GROUP_OBJECTS", 2)
     out = tmp_path / "small"
-    replay(bucket, live, DAY1, DAY2, out, late_days=2)
+    replay(bucket, live, DAY1, DAY2, out, late_days=3)
     comparisons = verify(live.data_dir, out, DAY1, DAY2, strict_order=True)
     assert [c.differences for c in comparisons] == [[], []]
 
@@ -237,8 +239,8 @@ def test_objects_still_in_incoming_are_replayed(bucket: Bucket, live: Settings,
     key = put_batch(bucket, waiting, 501, "Amsterdam",
                     dt.datetime(2024, 3, 2, 20, 5, tzinfo=dt.UTC), "py2")
     with_incoming, without = tmp_path / "with", tmp_path / "without"
-    replay(bucket, live, DAY2, DAY2, with_incoming, late_days=2)
-    replay(bucket, live, DAY2, DAY2, without, late_days=2, include_incoming=False)
+    replay(bucket, live, DAY2, DAY2, with_incoming, late_days=3)
+    replay(bucket, live, DAY2, DAY2, without, late_days=3, include_incoming=False)
     (comparison,) = verify(live.data_dir, with_incoming, DAY2, DAY2)
     assert f"ledger: {key} replayed, not in the live ledger" in comparison.differences
     assert any("0 rows only live, 3 rows only replayed" in d for d in comparison.differences)
@@ -250,7 +252,7 @@ def test_objects_still_in_incoming_are_replayed(bucket: Bucket, live: Settings,
 def test_verify_reports_a_live_file_that_cannot_be_opened(bucket: Bucket, live: Settings,
                                                           tmp_path: Path) -> None:
     out = tmp_path / "replay"
-    replay(bucket, live, DAY1, DAY1, out, late_days=2)
+    replay(bucket, live, DAY1, DAY1, out, late_days=3)
     day_file_path(live.data_dir, DAY1).write_bytes(b"damaged beyond repair" * 50)
     (comparison,) = verify(live.data_dir, out, DAY1, DAY1)
     assert len(comparison.differences) == 1
@@ -260,13 +262,16 @@ def test_verify_reports_a_live_file_that_cannot_be_opened(bucket: Bucket, live: 
 def test_parallel_replay_writes_the_same_rows_as_one_process(
     bucket: Bucket, live: Settings, tmp_path: Path
 ) -> None:
-    """--jobs 2: decoding and row building in worker processes, appends here in the same
-    order: every table byte for byte what one process writes (event ids included)."""
+    """--jobs 2: a worker process per block of days, each with its own files: every table
+    byte for byte what one process writes (event ids included).  Objects in both blocks'
+    late windows are read twice, their rows written once."""
     one, two = tmp_path / "one", tmp_path / "two"
-    first = replay(bucket, live, DAY1, DAY2, one, late_days=2)
-    second = replay(bucket, live, DAY1, DAY2, two, late_days=2, jobs=2)
-    assert (second.objects, second.rows, second.events_in_range) == (
-        first.objects, first.rows, first.events_in_range)
+    first = replay(bucket, live, DAY1, DAY2, one, late_days=3)
+    second = replay(bucket, live, DAY1, DAY2, two, late_days=3, jobs=2)
+    assert (second.rows, second.events_in_range) == (first.rows, first.events_in_range)
+    assert {p.relative_to(two): n for p, n in second.file_rows.items()} == {
+        p.relative_to(one): n for p, n in first.file_rows.items()}
+    assert second.objects > first.objects and not second.problems
     for day in (DAY1, DAY2):
         with tables.open_file(day_file_path(one, day)) as a, \
                 tables.open_file(day_file_path(two, day)) as b:
@@ -301,7 +306,7 @@ def test_cli_replays_one_shard_with_workers(bucket: Bucket, live: Settings,
                                             tmp_path: Path) -> None:
     out = tmp_path / "sharded"
     done = subprocess.run([".venv/bin/datastore", "replay", "--from", str(DAY1), "--to",
-                           str(DAY2), "--late-days", "2", "--out", str(out), "--jobs", "2",
+                           str(DAY2), "--late-days", "3", "--out", str(out), "--jobs", "2",
                            "--shard", "1/2", "--no-progress"],
                           capture_output=True, text=True, timeout=300, check=False,
                           cwd=Path(__file__).resolve().parents[1])
@@ -397,3 +402,80 @@ def test_verify_only_of_a_range_never_replayed(
 ) -> None:
     assert replay_cli(tmp_path / "nothing", "--verify-only") == 1
     assert "no shard report" in capsys.readouterr().out
+
+
+def test_a_day_s_file_does_not_depend_on_the_range_replayed(
+    bucket: Bucket, live: Settings, tmp_path: Path
+) -> None:
+    """The late window counts from each event day, so DAY1 alone, DAY1 with DAY2, or any
+    shard holding DAY1 give the same file, row for row."""
+    alone, both = tmp_path / "alone", tmp_path / "both"
+    replay(bucket, live, DAY1, DAY1, alone, late_days=3)
+    replay(bucket, live, DAY1, DAY2, both, late_days=3)
+    comparison = compare_files(day_file_path(both, DAY1), day_file_path(alone, DAY1), DAY1,
+                               strict_order=True)
+    assert comparison.differences == []
+    # With one late day less the batch uploaded three days after DAY1 is left out, from
+    # a replay of DAY1 alone and of both days alike.
+    short_alone, short_both = tmp_path / "short-alone", tmp_path / "short-both"
+    replay(bucket, live, DAY1, DAY1, short_alone, late_days=2)
+    replay(bucket, live, DAY1, DAY2, short_both, late_days=2)
+    assert compare_files(day_file_path(short_both, DAY1), day_file_path(short_alone, DAY1),
+                         DAY1, strict_order=True).differences == []
+    assert compare_files(day_file_path(both, DAY1), day_file_path(short_both, DAY1),
+                         DAY1).differences != []
+
+
+def test_upload_day_and_the_late_window() -> None:
+    from hisparc_datastore.ops.replay import in_late_window, upload_day
+
+    assert upload_day("archive/2024/03/04/502/ab.pickle", {}) == dt.date(2024, 3, 4)
+    assert upload_day("incoming/502/ab.pickle",
+                      {"received": "2024-03-04T23:30:00-02:00"}) == dt.date(2024, 3, 5)
+    assert upload_day("incoming/502/ab.pickle", {}) is None
+    assert upload_day("incoming/502/ab.pickle", {"received": "yesterday"}) is None
+    assert [in_late_window(DAY1, DAY1 + dt.timedelta(days=n), 3) for n in (-2, -1, 0, 3, 4)] == [
+        False, True, True, True, False]
+    assert in_late_window(DAY1, None, 0)
+
+
+def test_objects_whose_event_days_are_out_of_range_are_passed_over(
+    bucket: Bucket, live: Settings, tmp_path: Path
+) -> None:
+    """The upload records each batch's event days; replay does not fetch an object whose
+    days it does not rebuild (or whose upload is outside their late windows), and the
+    files are the same as when it decodes them all."""
+    from hisparc_datastore.format.origin import EVENT_DAYS
+    from hisparc_datastore.ops.replay import wanted
+
+    days = frozenset({DAY2})
+    assert wanted("archive/2024/03/02/501/a.pickle", {EVENT_DAYS: f"{DAY2}/{DAY2}"}, days, 3)
+    assert not wanted("archive/2024/03/02/501/a.pickle", {EVENT_DAYS: f"{DAY1}/{DAY1}"}, days, 3)
+    assert wanted("archive/2024/03/02/501/a.pickle", {EVENT_DAYS: f"{DAY1}/{DAY2}"}, days, 3)
+    # Uploaded a week after DAY2: outside its late window of 3 days.
+    assert not wanted("archive/2024/03/09/501/a.pickle", {EVENT_DAYS: f"{DAY2}/{DAY2}"}, days, 3)
+    assert wanted("archive/2024/03/09/501/a.pickle", {}, days, 3)  # no metadata: decoded
+    assert wanted("archive/2024/03/09/501/a.pickle", {EVENT_DAYS: "junk"}, days, 3)
+
+    without = tmp_path / "all-decoded"
+    for info in list(bucket.list("archive/")):  # as if stored before event-days existed
+        stored = bucket.get(info.key)
+        if EVENT_DAYS in stored.metadata:
+            bucket.put(info.key, stored.body,
+                       {k: v for k, v in stored.metadata.items() if k != EVENT_DAYS})
+    decoded = replay(bucket, live, DAY2, DAY2, without, late_days=3)
+    assert decoded.passed_over == 0
+    archived = [  # the same objects, with the metadata the upload writes
+        info.key for info in bucket.list("archive/")]
+    for key in archived:
+        stored = bucket.get(key)
+        span = event_day_span(decode_batch(stored.body))
+        if span is not None:
+            bucket.put(key, stored.body, {**stored.metadata, EVENT_DAYS: event_days_text(span)})
+    with_days = tmp_path / "passed-over"
+    report = replay(bucket, live, DAY2, DAY2, with_days, late_days=3)
+    assert report.passed_over > 0 and report.objects == decoded.objects - report.passed_over
+    assert report.rows == decoded.rows
+    assert compare_files(day_file_path(without, DAY2), day_file_path(with_days, DAY2), DAY2,
+                         strict_order=True).differences == []
+    assert "passed over" in report.summary()

@@ -118,6 +118,7 @@ def test_python3_pickle_with_numpy_scalars_is_stored_byte_for_byte(
         "cluster": "Amsterdam",
         "events": "4",
         "received": "2024-03-01T12:30:05.250000+00:00",
+        "event-days": "2024-03-01/2024-03-01",
     }
     assert decode_batch(stored.body) == decode_batch(dumps_py2(batch))
 
@@ -191,8 +192,32 @@ def test_odd_events_are_accepted_for_the_writer_to_skip(upload, bucket: Bucket) 
         answer = upload(form(data))
         assert answer.code == "100"
         assert answer.events == 4
+        # The one datetime counts, though the writer skips its unknown type.
+        assert bucket.get(answer.key).metadata["event-days"] == "2024-01-01/2024-01-01"
     empty = pickle.dumps([], protocol=2)
-    assert upload(form(empty)).code == "100"
+    answer = upload(form(empty))
+    assert answer.code == "100"
+    assert "event-days" not in bucket.get(answer.key).metadata
+
+
+def test_event_days_span_every_datetime_in_utc() -> None:
+    from hisparc_datastore.format.origin import event_day_span, event_days_of
+
+    plus2 = dt.timezone(dt.timedelta(hours=2))
+    batch = [
+        {"header": {"datetime": dt.datetime(2024, 3, 2, 1, 0, tzinfo=plus2)}},  # 1 March UTC
+        {"header": {"datetime": dt.datetime(2024, 3, 3, 23, 59)}},  # naive: UTC
+        {"header": {"datetime": "2024-03-09"}},
+        {"header": None},
+        "not an event",
+    ]
+    assert event_day_span(batch) == (dt.date(2024, 3, 1), dt.date(2024, 3, 3))
+    assert event_day_span(batch[2:]) is None
+    assert event_days_of({"event-days": "2024-03-01/2024-03-03"}) == (
+        dt.date(2024, 3, 1), dt.date(2024, 3, 3))
+    for unreadable in ("", "2024-03-01", "2024-03-03/2024-03-01", "x/y", "2024-03-01/"):
+        assert event_days_of({"event-days": unreadable}) is None
+    assert event_days_of({}) is None
 
 
 def test_station_with_awkward_password_and_uppercase_checksum(upload) -> None:

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import datetime as dt
 import urllib.parse
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from hisparc_datastore.format.keys import station_from_key
 from hisparc_datastore.format.payload import decode_batch
@@ -23,6 +24,9 @@ from hisparc_datastore.stations import MAX_STATION
 
 #: A station's cluster from the station list (None: not listed).
 ClusterLookup = Callable[[int], str | None]
+
+#: Object metadata: the first and last UTC date of the batch's events.
+EVENT_DAYS = "event-days"
 
 
 class NoCluster(Exception):
@@ -82,6 +86,52 @@ def received_time(metadata: Mapping[str, str], last_modified: dt.datetime) -> dt
         if when is not None:
             return when if when.tzinfo else when.replace(tzinfo=dt.UTC)
     return last_modified
+
+
+def event_day_span(events: Iterable[Any]) -> tuple[dt.date, dt.date] | None:
+    """The first and last UTC date among the events' header datetimes; None when no
+    event has one.
+
+    It goes into the object's ``event-days`` metadata at upload, so that replay can pass
+    over an object whose events are all outside the days it rebuilds without fetching or
+    decoding it.  Every event with a datetime counts, also those the writer will skip
+    (an unknown type, a year before the minimum): the span may be wider than the rows,
+    never narrower.  Naive datetimes are UTC, as the writer takes them.
+    """
+    first = last = None
+    for event in events:
+        header = event.get("header") if isinstance(event, dict) else None
+        moment = header.get("datetime") if isinstance(header, dict) else None
+        if not isinstance(moment, dt.datetime):
+            continue
+        if moment.tzinfo is not None:
+            try:
+                moment = moment.astimezone(dt.UTC)
+            except (OverflowError, ValueError):
+                continue
+        day = moment.date()
+        if first is None or day < first:
+            first = day
+        if last is None or day > last:
+            last = day
+    return None if first is None or last is None else (first, last)
+
+
+def event_days_text(span: tuple[dt.date, dt.date]) -> str:
+    return f"{span[0].isoformat()}/{span[1].isoformat()}"
+
+
+def event_days_of(metadata: Mapping[str, str]) -> tuple[dt.date, dt.date] | None:
+    """The ``event-days`` an object's metadata records; None when absent or unreadable
+    (objects stored before it existed, or by another tool), so the object is decoded."""
+    first, sep, last = metadata.get(EVENT_DAYS, "").strip().partition("/")
+    if not sep:
+        return None
+    try:
+        span = dt.date.fromisoformat(first), dt.date.fromisoformat(last)
+    except ValueError:
+        return None
+    return span if span[0] <= span[1] else None
 
 
 @dataclass

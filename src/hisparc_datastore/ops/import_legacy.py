@@ -52,6 +52,7 @@ from pathlib import Path
 
 from hisparc_datastore.config import load_settings, require_s3_credentials
 from hisparc_datastore.format.keys import LEGACY_IMPORT, incoming_key, suspicious_key
+from hisparc_datastore.format.origin import event_day_span
 from hisparc_datastore.format.payload import PayloadError, decode_batch, decode_pickle
 from hisparc_datastore.logs import setup_logging
 from hisparc_datastore.ops.replay import Progress
@@ -77,6 +78,8 @@ class QueueBatch:
     body: bytes
     md5: str
     events: int
+    #: the events' first and last UTC date (the object's ``event-days`` metadata)
+    event_days: tuple[dt.date, dt.date] | None = None
 
 
 @dataclass
@@ -118,7 +121,8 @@ def decode_queue_file(data: bytes) -> QueueBatch:
     if pickle.dumps(decode_batch(body), protocol=4) != body:
         raise PayloadError("event list does not survive re-encoding unchanged")
     md5 = hashlib.md5(body).hexdigest()  # noqa: S324 - the protocol's checksum
-    return QueueBatch(station, cluster.strip(), body, md5, len(events))
+    return QueueBatch(station, cluster.strip(), body, md5, len(events),
+                      event_day_span(events))
 
 
 def queue_files(root: Path) -> Iterator[tuple[str, Path]]:
@@ -163,7 +167,8 @@ def import_file(bucket: Bucket, root: Path, folder: str, path: Path, report: Imp
         report.events += batch.events
         return batch.events
     received = dt.datetime.fromtimestamp(path.stat().st_mtime, dt.UTC)
-    metadata = metadata_for(Station(batch.station, batch.cluster, ""), batch.events, received)
+    metadata = metadata_for(Station(batch.station, batch.cluster, ""), batch.events, received,
+                            batch.event_days)
     metadata["legacy-source"] = _ascii(name)
     bucket.put(key, batch.body, metadata)
     record = {"source": name, "key": key, "events": batch.events,

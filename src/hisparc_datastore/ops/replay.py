@@ -8,11 +8,14 @@ has not reached yet) and writes into a separate directory with the data_dir layo
 
 Which objects.  An archive day is the *upload* date, not the events' dates, and uploads
 come after the events: a batch of events just before midnight arrives just after it, and
-a station that was offline uploads days of backlog at once.  So replay reads the archive
-days from ``--from`` minus one (a station clock a little ahead of the server's) up to
-``--to`` plus ``--late-days`` (default 7), and keeps only the events whose UTC date is in
-range.  A batch uploaded later than that is missed, and ``--verify`` names it (its key is
-in the live file's ledger, not in the replayed one's).
+a station that was offline uploads days of backlog at once.  So an event day's rows come
+from the objects uploaded from the day before it (a station clock a little ahead of the
+server's) to ``--late-days`` (default 7) after it: replay reads those archive days and
+keeps, of each object, the events of the days whose window holds its upload day.  The
+window is the same for every day whatever the range, so a day's file is the same from a
+replay of that day alone, of a year, or of any shard.  A batch uploaded later than that
+is missed, and ``--verify`` names it (its key is in the live file's ledger, not in the
+replayed one's).
 
 Order, and what "identical" means.  Event ids and blob indices depend on the order in
 which objects are appended, per station table.  The live writer appends in arrival
@@ -39,19 +42,17 @@ that resent it on another day) is written once, as live.
 Memory stays flat: listings are read page by page and held one (archive day, station)
 group at a time, bodies are fetched a few at a time and appended in bounded groups.
 
-Scale.  ``--jobs N`` decodes and builds rows in N worker processes while this process
-fetches and appends, in the same order: the same rows as one process (tested), faster
-where decoding is the cost.  ``--shard I/N`` rebuilds only the I-th of N blocks of
-consecutive days of ``--from``..``--to``: different days are different files, so shards
-run anywhere at once (a Kubernetes Indexed Job: infra/knative/replay/) into one
-output volume.
-Each reads the archive days its own days need, so a shard of D days reads D +
-``--late-days`` + 1 archive days: fewer, longer shards read less twice.  The late window
-is counted from a shard's own last day, so a batch uploaded more than ``--late-days``
-after its events can be in an unsharded replay of a longer range and not in the shard's;
-the verify against the live files names it.  Each shard records what it wrote in a
-report (``replay-reports/<from>_<to>/shard-I-of-N.json`` below ``--out``), written when
-it finishes; ``--verify-only`` then checks that every shard finished, with no unusable
+Scale.  Different days are different files.  ``--jobs N`` splits the range into N blocks
+of consecutive days, each replayed by a worker process of its own (its own S3 client,
+its own files): each file gets the objects one process would give it, in the same
+order, so the same rows (tested), and the workers share nothing but the progress bar.
+``--shard I/N`` rebuilds only the I-th of those N blocks, so machines, or the pods of a
+Kubernetes Indexed Job (infra/knative/replay/), each take one into one output volume.
+A block of D days reads D + ``--late-days`` + 1 upload days and decodes every object in
+them, so an object uploaded near a block's edge is read by two blocks: fewer, longer
+blocks waste less.  Each shard records what it wrote in a report
+(``replay-reports/<from>_<to>/shard-I-of-N.json`` below ``--out``), written when it
+finishes; ``--verify-only`` then checks that every shard finished, with no unusable
 object, and compares each day file with the live one, or, where ``data_dir`` holds none
 (the lost volume), reads each rebuilt file through and counts its rows.
 """
@@ -63,11 +64,11 @@ import datetime as dt
 import json
 import logging
 import multiprocessing
+import queue
 import sys
 import time
-from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from itertools import groupby
 from pathlib import Path
@@ -79,7 +80,12 @@ from numpy.lib.recfunctions import repack_fields
 
 from hisparc_datastore.config import Settings, load_settings, require_s3_credentials
 from hisparc_datastore.format.keys import ARCHIVE, INCOMING
-from hisparc_datastore.format.origin import NoCluster, plan_object, received_time
+from hisparc_datastore.format.origin import (
+    NoCluster,
+    event_days_of,
+    plan_object,
+    received_time,
+)
 from hisparc_datastore.format.payload import PayloadError
 from hisparc_datastore.format.rows import (
     BatchPart,
@@ -195,6 +201,31 @@ class Progress:
             self._bar = None
 
 
+class _ForwardedProgress(Progress):
+    """A worker's progress, sent to the process that shows the bar a few times a second."""
+
+    def __init__(self, updates: Any) -> None:
+        super().__init__(None, None, False, "")
+        self._updates = updates
+        self._pending = [0, 0, 0]
+        self._sent = time.monotonic()
+
+    def advance(self, objects: int = 1, events: int = 0, nbytes: int = 0) -> None:
+        for index, value in enumerate((objects, events, nbytes)):
+            self._pending[index] += value
+        if time.monotonic() - self._sent > 0.25:
+            self._send()
+
+    def _send(self) -> None:
+        if self._updates is not None and any(self._pending):
+            self._updates.put(tuple(self._pending))
+        self._pending = [0, 0, 0]
+        self._sent = time.monotonic()
+
+    def close(self) -> None:
+        self._send()
+
+
 # ----------------------------------------------------------------------------- rebuild
 
 
@@ -207,6 +238,7 @@ class ReplayReport:
     events_in_range: int = 0
     rows: int = 0
     duplicates: int = 0  # objects whose key was already written (archived twice)
+    passed_over: int = 0  # objects not fetched: their event-days metadata is out of range
     skipped_events: int = 0
     problems: dict[str, str] = field(default_factory=dict)  # key -> why it was not used
     files: list[Path] = field(default_factory=list)
@@ -218,7 +250,9 @@ class ReplayReport:
         rate = self.objects / self.seconds if self.seconds else 0.0
         return (
             f"replay: {self.objects} objects ({self.bytes / 1e6:.1f} MB) read, "
-            f"{self.events_in_range} events in range, {self.rows} rows written to "
+            + (f"{self.passed_over} passed over (their event-days are out of range), "
+               if self.passed_over else "")
+            + f"{self.events_in_range} events in range, {self.rows} rows written to "
             f"{len(self.files)} day files, {self.duplicates} duplicate objects, "
             f"{self.skipped_events} events skipped, {len(self.problems)} unusable objects; "
             f"{self.seconds:.1f} s ({rate:.0f} objects/s)"
@@ -240,20 +274,50 @@ class Prepared:
     problem: str | None = None
 
 
-def prepare(key: str, body: bytes, metadata: dict[str, str], etag: str,
-            days: frozenset[dt.date], minimum_year: int, station_list: Path) -> Prepared:
-    """The live writer's plan of an object (:func:`plan_object`), its days in range built
-    into rows.  A plain function of plain values: it runs in replay's worker processes.
+def upload_day(key: str, metadata: dict[str, str]) -> dt.date | None:
+    """The day an object was uploaded: its archive day, or the ``received`` of one still
+    in ``incoming/`` (None when it does not say)."""
+    if key.startswith(ARCHIVE):
+        try:
+            return dt.datetime.strptime(key[len(ARCHIVE):len(ARCHIVE) + 10], "%Y/%m/%d").date()
+        except ValueError:
+            return None
+    text = metadata.get("received", "").strip()
+    try:
+        return dt.datetime.fromisoformat(text).astimezone(dt.UTC).date() if text else None
+    except ValueError:
+        return None
 
-    The ledger key is the object's ``incoming/`` key, as the live writer recorded it.
+
+def in_late_window(event_day: dt.date, uploaded: dt.date | None, late_days: int) -> bool:
+    """Whether replay takes events of ``event_day`` from an object uploaded on
+    ``uploaded``: from the day before (a station clock ahead) to ``late_days`` after.
+
+    The same rule for every day, whatever the range, so a day's file is the same from a
+    replay of that day alone, of a year, or of any shard.
     """
+    if uploaded is None:
+        return True
+    return event_day - dt.timedelta(days=1) <= uploaded <= event_day + dt.timedelta(
+        days=late_days
+    )
+
+
+def prepare(key: str, body: bytes, metadata: dict[str, str], etag: str,
+            days: frozenset[dt.date], late_days: int, minimum_year: int,
+            station_list: Path) -> Prepared:
+    """The live writer's plan of an object (:func:`plan_object`), its days in range and
+    in the late window built into rows.  The ledger key is the object's ``incoming/`` key,
+    as the live writer recorded it.
+    """
+    uploaded = upload_day(key, metadata)
     try:
         plan = plan_object(ledger_key(key), body, metadata, etag, minimum_year=minimum_year,
                            cluster_of=cluster_lookup(station_list), context=key)
         batches = {}
         events = 0
         for day, part in plan.parts.items():
-            if day not in days:
+            if day not in days or not in_late_window(day, uploaded, late_days):
                 continue
             (batch,) = gather([part])
             events += len(part.events)
@@ -320,17 +384,35 @@ class _Appender:
 
 
 def _ordered_groups(bucket: Bucket, prefixes: Sequence[str],
-                    pool: ThreadPoolExecutor) -> Iterator[list[str]]:
-    """Keys per (prefix, station), each group in arrival order (``received``, key)."""
+                    pool: ThreadPoolExecutor) -> Iterator[list[tuple[str, dict[str, str]]]]:
+    """(key, metadata) per (prefix, station), each group in arrival order (``received``,
+    key)."""
 
-    def arrival(info: ObjectInfo) -> tuple[dt.datetime, str]:
+    def arrival(info: ObjectInfo) -> tuple[dt.datetime, str, dict[str, str]]:
         metadata = bucket.metadata(info.key) or {}
-        return received_time(metadata, info.last_modified), info.key
+        return received_time(metadata, info.last_modified), info.key, metadata
 
     for prefix in prefixes:
         for _, group in groupby(bucket.list(prefix), key=_station_prefix):
             infos = list(group)
-            yield [key for _, key in sorted(pool.map(arrival, infos))]
+            yield [(key, metadata) for _, key, metadata in sorted(pool.map(arrival, infos))]
+
+
+def wanted(key: str, metadata: dict[str, str], days: frozenset[dt.date],
+           late_days: int) -> bool:
+    """Whether an object may hold events replay takes: False only when its ``event-days``
+    metadata says that none of its days is in ``days`` with its upload day in that
+    day's late window.  Objects without it (stored before it existed) are decoded."""
+    span = event_days_of(metadata)
+    if span is None:
+        return True
+    uploaded = upload_day(key, metadata)
+    first, last = max(span[0], min(days)), min(span[1], max(days))
+    return any(
+        first + dt.timedelta(days=n) in days
+        and in_late_window(first + dt.timedelta(days=n), uploaded, late_days)
+        for n in range((last - first).days + 1)
+    )
 
 
 def _count(bucket: Bucket, prefixes: Sequence[str]) -> tuple[int, int]:
@@ -357,18 +439,19 @@ def replay(
 ) -> ReplayReport:
     """Rebuild the day files of ``first``..``last`` into ``out`` (see the module doc).
 
-    ``jobs`` > 1 decodes and builds rows in that many worker processes; this process
-    fetches the objects and appends, in the same order, so the files hold the same rows.
-    ``replace`` deletes day files of the range already in ``out`` first (a shard run
-    again after a crash) instead of refusing.
+    ``jobs`` > 1 splits the days into that many blocks of consecutive days, each replayed
+    by a worker process of its own into its own day files: each file gets the same
+    objects in the same order as from one process, so the same rows.  ``replace``
+    deletes day files of the range already in ``out`` first (a shard run again after a
+    crash) instead of refusing.
     """
     started = time.perf_counter()
     if last < first:
         raise ValueError("--to is before --from")
     if Path(out).resolve() == Path(settings.data_dir).resolve():
         raise ValueError("the output directory is the live data_dir; replay never writes there")
-    days = set(event_days(first, last))
-    existing = [p for p in map(lambda d: day_file_path(out, d), sorted(days)) if p.exists()]
+    days = event_days(first, last)
+    existing = [p for p in map(lambda d: day_file_path(out, d), days) if p.exists()]
     if existing and not replace:
         raise ValueError(
             f"{existing[0]} already exists; replay into an empty directory (or --replace)"
@@ -376,50 +459,123 @@ def replay(
     for path in existing:
         log.warning("replay: %s: deleting the earlier replay's file (--replace)", path)
         path.unlink()
-    prefixes = [archive_day_prefix(day) for day in archive_days(first, last, late_days)]
-    if include_incoming:
-        prefixes.append(INCOMING)
-    report = ReplayReport()
-    total, total_bytes = _count(bucket, prefixes) if progress else (None, None)
+    blocks = [block for index in range(min(jobs, len(days)))
+              if (block := shard_days(first, last, index, min(jobs, len(days))))]
+    prefixes = [_prefixes(a, b, late_days, include_incoming) for a, b in blocks]
+    total, total_bytes = (
+        [sum(figures) for figures in zip(*(_count(bucket, p) for p in prefixes), strict=True)]
+        if progress else (None, None)
+    )
     bar = Progress(total, total_bytes, progress, "replay")
-    appender = _Appender(Path(out), report)
-    frozen = frozenset(days)
-    workers = _workers(jobs)
-    in_flight: deque[tuple[str, Future[Prepared] | Prepared | Exception]] = deque()
-    window = max(S3_THREADS * 2, 4 * jobs)
-
-    def settle(limit: int) -> None:
-        while len(in_flight) > limit:
-            key, work = in_flight.popleft()
-            if isinstance(work, Future):
-                work = work.result()
-            _take(key, work, appender, report, bar)
-
     try:
-        with ThreadPoolExecutor(S3_THREADS, thread_name_prefix="replay-s3") as pool:
-            for keys in _ordered_groups(bucket, prefixes, pool):
-                # Bodies a few at a time, in order: map() keeps the order and its look-ahead
-                # is bounded by the slice; decoding runs ``window`` objects ahead at most.
-                for start in range(0, len(keys), S3_THREADS * 2):
-                    chunk = keys[start:start + S3_THREADS * 2]
-                    for key, stored in zip(chunk, pool.map(_get(bucket), chunk), strict=True):
-                        if isinstance(stored, Exception):
-                            in_flight.append((key, stored))
-                        else:
-                            args = (key, stored.body, stored.metadata, stored.etag, frozen,
-                                    settings.minimum_year, settings.station_list)
-                            in_flight.append((key, workers.submit(prepare, *args)
-                                              if workers else prepare(*args)))
-                        settle(window)
-            settle(0)
-            appender.flush()
+        if len(blocks) == 1:
+            report = _replay_days(bucket, settings, first, last, Path(out), late_days,
+                                  prefixes[0], bar)
+        else:
+            report = _replay_blocks(settings, blocks, Path(out), late_days, include_incoming,
+                                    bar)
     finally:
-        if workers is not None:
-            workers.shutdown(cancel_futures=True)
         bar.close()
     report.files.sort()
     report.seconds = time.perf_counter() - started
     return report
+
+
+def _prefixes(first: dt.date, last: dt.date, late_days: int,
+              include_incoming: bool) -> list[str]:
+    prefixes = [archive_day_prefix(day) for day in archive_days(first, last, late_days)]
+    return [*prefixes, INCOMING] if include_incoming else prefixes
+
+
+def _replay_days(bucket: Bucket, settings: Settings, first: dt.date, last: dt.date, out: Path,
+                 late_days: int, prefixes: Sequence[str], bar: Progress) -> ReplayReport:
+    """One process: list, fetch, decode and append, object after object in arrival order."""
+    report = ReplayReport()
+    appender = _Appender(out, report)
+    days = frozenset(event_days(first, last))
+    with ThreadPoolExecutor(S3_THREADS, thread_name_prefix="replay-s3") as pool:
+        for group in _ordered_groups(bucket, prefixes, pool):
+            keys = [key for key, metadata in group if wanted(key, metadata, days, late_days)]
+            report.passed_over += len(group) - len(keys)
+            bar.advance(len(group) - len(keys))
+            # Bodies a few at a time, in order: map() keeps the order and its look-ahead is
+            # bounded by the slice.
+            for start in range(0, len(keys), S3_THREADS * 2):
+                chunk = keys[start:start + S3_THREADS * 2]
+                for key, stored in zip(chunk, pool.map(_get(bucket), chunk), strict=True):
+                    work = stored if isinstance(stored, Exception) else prepare(
+                        key, stored.body, stored.metadata, stored.etag, days, late_days,
+                        settings.minimum_year, settings.station_list)
+                    _take(key, work, appender, report, bar)
+        appender.flush()
+    return report
+
+
+def _replay_blocks(settings: Settings, blocks: Sequence[tuple[dt.date, dt.date]], out: Path,
+                   late_days: int, include_incoming: bool, bar: Progress) -> ReplayReport:
+    """A worker process per block of days, each with its own S3 client and day files.
+
+    Started fresh (``spawn``): this process has S3 clients and threads, which a forked
+    child must not inherit.  Their progress comes back through a queue.
+    """
+    context = multiprocessing.get_context("spawn")
+    updates = context.Queue()
+    report = ReplayReport()
+    with ProcessPoolExecutor(len(blocks), mp_context=context, initializer=_block_worker_init,
+                             initargs=(updates,)) as pool:
+        futures = [pool.submit(_replay_block, settings, a, b, out, late_days, include_incoming)
+                   for a, b in blocks]
+        try:
+            while True:
+                done = all(future.done() for future in futures)
+                _drain(updates, bar, wait=not done)
+                if done:
+                    break
+            for future in futures:
+                _add_report(report, future.result())
+        except BaseException:
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+    return report
+
+
+def _drain(updates: Any, bar: Progress, wait: bool) -> None:
+    try:
+        item = updates.get(timeout=0.2) if wait else updates.get_nowait()
+        while True:
+            bar.advance(*item)
+            item = updates.get_nowait()
+    except queue.Empty:
+        return
+
+
+def _add_report(total: ReplayReport, part: ReplayReport) -> None:
+    for name in ("objects", "bytes", "events_in_range", "rows", "duplicates", "passed_over",
+                 "skipped_events"):
+        setattr(total, name, getattr(total, name) + getattr(part, name))
+    total.problems.update(part.problems)
+    total.files += part.files
+    total.file_rows.update(part.file_rows)
+
+
+_updates: Any = None
+
+
+def _block_worker_init(updates: Any) -> None:
+    global _updates
+    _updates = updates
+
+
+def _replay_block(settings: Settings, first: dt.date, last: dt.date, out: Path,
+                  late_days: int, include_incoming: bool) -> ReplayReport:
+    setup_logging(settings)
+    bucket = Bucket.from_settings(settings)
+    bar = _ForwardedProgress(_updates)
+    try:
+        return _replay_days(bucket, settings, first, last, out, late_days,
+                            _prefixes(first, last, late_days, include_incoming), bar)
+    finally:
+        bar.close()
 
 
 def _get(bucket: Bucket) -> Callable[[str], StoredObject | Exception]:
@@ -430,15 +586,6 @@ def _get(bucket: Bucket) -> Callable[[str], StoredObject | Exception]:
             return exc
 
     return get
-
-
-def _workers(jobs: int) -> ProcessPoolExecutor | None:
-    """Worker processes for decoding, started fresh (``spawn``): this process has S3
-    clients and threads, which a forked child must not inherit (obstore is not
-    fork-safe)."""
-    if jobs <= 1:
-        return None
-    return ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"))
 
 
 def _take(key: str, work: Prepared | Exception, appender: _Appender, report: ReplayReport,
@@ -959,7 +1106,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="read archive/ only, not the objects still in incoming/")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--jobs", type=_positive, default=1, metavar="N",
-                        help="decode and build rows in N worker processes (default 1)")
+                        help="N worker processes, each replaying a block of consecutive "
+                             "days (default 1)")
     parser.add_argument("--shard", type=_shard, default=None, metavar="I/N",
                         help="rebuild only the I-th (from 0) of N blocks of consecutive days")
     parser.add_argument("--replace", action="store_true",

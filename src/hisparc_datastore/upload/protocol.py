@@ -43,6 +43,7 @@ from typing import Protocol
 import numpy as np
 
 from hisparc_datastore.format.keys import incoming_key, suspicious_key
+from hisparc_datastore.format.origin import EVENT_DAYS, event_day_span, event_days_text
 from hisparc_datastore.format.payload import PayloadError, decode_batch, is_suspicious
 from hisparc_datastore.stations import Station
 from hisparc_datastore.storage.store import BucketError, Store
@@ -310,14 +311,26 @@ def password_matches(given: bytes, station: Station) -> bool:
     return matched
 
 
-def metadata_for(station: Station, events: int, received: dt.datetime) -> dict[str, str]:
-    """Object metadata; S3 carries ASCII only, so the cluster is percent-encoded if needed."""
-    return {
+def metadata_for(
+    station: Station,
+    events: int,
+    received: dt.datetime,
+    event_days: tuple[dt.date, dt.date] | None = None,
+) -> dict[str, str]:
+    """Object metadata; S3 carries ASCII only, so the cluster is percent-encoded if needed.
+
+    ``event_days`` (:func:`~hisparc_datastore.format.origin.event_day_span`) lets replay
+    pass over the object when it rebuilds other days.
+    """
+    metadata = {
         "station": str(station.number),
         "cluster": urllib.parse.quote(station.cluster, safe=_METADATA_SAFE),
         "events": str(events),
         "received": received.astimezone(dt.UTC).isoformat(timespec="microseconds"),
     }
+    if event_days is not None:
+        metadata[EVENT_DAYS] = event_days_text(event_days)
+    return metadata
 
 
 def handle_upload(
@@ -394,7 +407,8 @@ def handle_upload(
     suspicious = is_suspicious(events, minimum_year)
     key = (suspicious_key if suspicious else incoming_key)(number, digest)
     try:
-        store.put(key, pickled, metadata_for(station, len(events), now))
+        store.put(key, pickled,
+                  metadata_for(station, len(events), now, event_day_span(events)))
     except BucketError as exc:
         return UploadAnswer(
             code=DATABASE_UNREACHABLE,
