@@ -24,7 +24,7 @@ DECODING_TESTS := tests/test_payload.py tests/test_security_payload.py \
 $(STAMP): pyproject.toml dev/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[dev]" -e ./dev
+	$(BIN)/python -m pip install --quiet -e ".[dev]" -e "./dev[sapphire]"
 	touch $(STAMP)
 
 venv: $(STAMP)

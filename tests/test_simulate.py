@@ -24,8 +24,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pytest
-from hisparc_datastore_dev import simulate
+from hisparc_datastore_dev import samples, showers, simulate
 
 
 @dataclass
@@ -221,9 +222,11 @@ def test_simulated_stations_send_deterministic_batches_of_every_type(scripted) -
     assert decode_batch(simulate.pickle_batch(again[0], "py2")) == \
         decode_batch(simulate.pickle_batch(again[0], "py3"))
     py3 = simulate.pickle_batch(again[1], "py3")
-    second = pickle.loads(py3)
-    assert second[0]["header"]["datetime"] >= simulate.next_start(again[0])
-    times = [event["header"]["datetime"] for batch in again for event in batch]
+    assert pickle.loads(py3) == again[1]
+    # The second batch goes on where the first ended: one stream, in time order.
+    stream = list(itertools.islice(simulate.station_events(7001, start, seed=4), 40))
+    assert again[0] + again[1] == stream
+    times = [samples.event_time_ns(event) for event in stream]
     assert times == sorted(times)
 
 
@@ -426,3 +429,153 @@ def test_a_kept_rate_says_so(scripted) -> None:
     assert summary.accepted == 3
     assert pace is not None and pace.due == 3 and pace.sent == 3
     assert pace.kept, simulate.explain_pace(pace)  # a quarter second of slack per batch
+
+
+# ----------------------------------------------------- places and air showers
+
+
+def test_stations_stand_on_a_compact_grid_around_501() -> None:
+    middle = showers.CLUSTER_MIDDLE
+    assert showers.default_position(501) == middle  # where the real 501 stands (Nikhef)
+    places = {n: showers.to_enu(showers.default_position(n), middle) for n in range(501, 538)}
+    assert len({tuple(np.round(p, 1)) for p in places.values()}) == 37  # all distinct
+    for n in range(502, 508):  # the first ring: 150 m out, 150 m from the next one
+        assert abs(np.hypot(*places[n][:2]) - 150.0) < 0.01
+        assert abs(np.hypot(*(places[n] - places[502 + (n - 501) % 6])[:2]) - 150.0) < 0.01
+        assert abs(places[n][2]) < 0.01  # on the tangent plane, give or take the curvature
+    assert max(np.hypot(*p[:2]) for p in places.values()) < showers.SHOWER_RADIUS - 100
+    assert showers.default_position(538) == showers.default_position(501)  # 37 places
+    assert showers.default_position(7001) in {showers.default_position(n)
+                                              for n in range(501, 538)}
+    # Moving by metres and measuring back agree to the millimetre (7 decimals: ~1 cm).
+    back = showers.to_enu(showers.moved(middle, 300.0, -200.0), middle)
+    assert np.allclose(back[:2], (300.0, -200.0), atol=0.02)
+
+
+def test_showers_are_a_function_of_the_seed_and_the_time() -> None:
+    start = samples.epoch_ns(dt.datetime(2024, 3, 5, 12))
+    minute = 60 * 10**9
+    one = showers.ShowerStream(5, 1.0)
+    everything = one.between(start, start + 3 * minute)
+    pieces = showers.ShowerStream(5, 1.0).between(start + minute, start + 3 * minute)
+    assert everything[-len(pieces):] == pieces  # however it is asked, the same showers
+    assert showers.ShowerStream(6, 1.0).between(start, start + minute) != \
+        one.between(start, start + minute)
+    assert 120 <= len(everything) <= 240  # Poisson, 180 expected
+    assert [s.time_ns for s in everything] == sorted(s.time_ns for s in everything)
+    assert showers.ShowerStream(5, 0.0).between(start, start + minute) == []
+    with pytest.raises(ValueError):
+        showers.ShowerStream(5, -1.0)
+    for shower in everything:
+        assert np.hypot(shower.core_east, shower.core_north) <= showers.SHOWER_RADIUS
+        assert 0 <= shower.zenith <= np.radians(60)
+        assert -np.pi <= shower.azimuth <= np.pi
+        assert showers.MIN_ENERGY <= shower.energy <= showers.MAX_ENERGY
+    zeniths = np.degrees([s.zenith for s in everything])
+    assert 15 < np.median(zeniths) < 30  # cos^8: most showers come from high up
+
+
+def test_neighbours_see_one_shower_at_the_times_its_geometry_gives() -> None:
+    """Events of two stations less than a few microseconds apart are one shower, and
+    their time difference is the plane front's, give or take its thickness."""
+    start = dt.datetime(2024, 3, 5, 12)
+    stream = showers.ShowerStream(3, 2.0)
+    models = {n: samples.StationModel.create(n, None, stream) for n in (501, 502, 503)}
+    begin, end = samples.epoch_ns(start), samples.epoch_ns(start) + 300 * 10**9
+    residuals = []
+    for shower in stream.between(begin, end):
+        seen = {n: m.shower_events(shower.time_ns, shower.time_ns + 1, traces=False)
+                for n, m in models.items()}
+        hit = {n: samples.event_time_ns(events[0]) for n, events in seen.items() if events}
+        for a, b in itertools.combinations(sorted(hit), 2):
+            geometry = (models[b].detectors[1] - models[a].detectors[1]) @ shower.axis
+            residuals.append(abs((hit[b] - hit[a]) + geometry / showers.LIGHT_SPEED))
+    # An event's time is its trigger's: the second or third detector hit, after the
+    # front's thickness, 2.5 ns samples and the GPS's jitter.  Tens of nanoseconds, where
+    # the geometry gives up to 500.
+    assert len(residuals) >= 20
+    assert np.median(residuals) < 20 and np.percentile(residuals, 90) < 60, sorted(residuals)
+
+
+def test_a_stations_events_do_not_depend_on_the_others(scripted) -> None:
+    from hisparc_datastore.format.payload import decode_batch
+
+    server = scripted([(200, "100")])
+    start = dt.datetime(2024, 3, 5, 12)
+    plan = simulate.Plan(
+        url=server.url, batch_size=60, batches=3, seed=8, start=start, shower_rate=2.0,
+        stations=tuple(simulate.SimulatedStation(n, "pw") for n in (501, 502, 503)),
+    )
+    simulate.simulate(plan)
+    sent = [decode_batch(form["data"][0].encode("latin-1")) for form in server.forms
+            if form["station_id"] == ["502"]]
+    alone = list(itertools.islice(simulate.station_batches(502, 60, start, 8, 2.0), 3))
+    assert sent == [decode_batch(simulate.pickle_batch(b, "py2")) for b in alone]
+    quiet = list(itertools.islice(simulate.station_batches(502, 60, start, 8, 0.0), 3))
+    assert sum(len(b) for b in quiet) == 180
+    assert quiet != alone  # the showers add events
+
+
+def test_a_station_reports_where_it_stands(tmp_path: Path) -> None:
+    place = showers.Position(52.0, 5.0, 12.5)
+    station = simulate.SimulatedStation(7001, "pw", position=place)
+    config = next(e for e in simulate.station_events(station, dt.datetime(2024, 3, 5), 1)
+                  if e["header"]["eventtype_uploadcode"] == "CFG")
+    values = {item["data_uploadcode"]: item["data"] for item in config["datalist"]}
+    assert (values["CFG_GPS_LAT"], values["CFG_GPS_LONG"], values["CFG_GPS_ALT"]) == (
+        52.0, 5.0, 12.5)
+    assert (values["CFG_TRIGLOWSIG"], values["CFG_TRIGHIGHSIG"], values["CFG_TRIGANDOR"],
+            values["CFG_TRIGEXT"]) == (3, 2, True, 0)  # 3 low or 2 high
+    assert values["CFG_MAS_CH1THRLOW"] == 30.0 and values["CFG_SLV_CH2THRHIGH"] == 70.0
+    assert values["CFG_REDUCE"] is False and values["CFG_USEFILTER"] is False
+    assert simulate.SimulatedStation(501, "pw").place == showers.CLUSTER_MIDDLE
+
+
+def test_the_local_stack_keeps_and_publishes_positions(tmp_path: Path) -> None:
+    from hisparc_datastore_dev import local
+
+    from hisparc_datastore.stations import Station
+
+    files = local.StackFiles.at(tmp_path)
+    listed = [Station(n, "Amsterdam", f"pw-{n}") for n in (501, 502)]
+    placed = local.ensure_positions(files, listed)
+    assert placed == {501: showers.default_position(501), 502: showers.default_position(502)}
+    # A user moves 502; restarts keep it, and new stations are added beside it.
+    moved = showers.Position(52.36, 4.96, 10.0)
+    document = json.loads(files.positions.read_text())
+    document["502"] = moved.as_dict()
+    files.positions.write_text(json.dumps(document))
+    again = local.ensure_positions(files, [*listed, Station(503, "Amsterdam", "pw")])
+    assert again[502] == moved and again[503] == showers.default_position(503)
+    assert json.loads(files.positions.read_text())["502"] == moved.as_dict()
+
+    info = local.StackInfo(
+        pid=os.getpid(), upload_url="http://127.0.0.1:1/", writer_url="", s3_endpoint="",
+        bucket="b", data_dir="", config="", children={},
+        stations=[{"number": n, "cluster": "Amsterdam", "password": f"pw-{n}",
+                   **again[n].as_dict()} for n in (501, 502)],
+    )
+    files.info.write_text(json.dumps(dataclasses.asdict(info)))
+    plan = simulate.plan_from_args(_args("--state-dir", str(tmp_path), "--stations", "2",
+                                         "--shower-rate", "0"))
+    assert [s.place for s in plan.stations] == [again[501], moved]
+    assert plan.shower_rate == 0
+    one = simulate.plan_from_args(_args("--state-dir", str(tmp_path), "--station", "502"))
+    assert one.stations[0].place == moved and one.shower_rate == showers.DEFAULT_SHOWER_RATE
+
+    files.positions.write_text("[1, 2]")
+    with pytest.raises(local.LocalStackError, match=r"positions\.json is not a station"):
+        local.ensure_positions(files, listed)
+
+
+def test_the_shower_rate_is_an_option(scripted, capsys: pytest.CaptureFixture[str],
+                                      tmp_path: Path) -> None:
+    with pytest.raises(SystemExit):
+        _args("--shower-rate", "-1")
+    server = scripted([(200, "100")])
+    listed = tmp_path / "stations.csv"
+    listed.write_text("7001,Leiden,a\n")
+    assert simulate.run(_args("--url", server.url, "--station-list", str(listed),
+                              "--batch-size", "5", "--batches", "1",
+                              "--shower-rate", "0")) == 0
+    assert "no air showers" in capsys.readouterr().out

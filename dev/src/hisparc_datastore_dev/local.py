@@ -20,7 +20,11 @@ and ``datastore simulate`` takes the upload URL and the demo stations from
 
 The demo stations (``--stations N``) each have their own number and password, as real
 stations do: stations that share a number send one event stream twice, and HiSPARC's
-analysis drops such singles as duplicates.
+analysis drops such singles as duplicates.  Each also has a place, kept in
+``<state>/positions.json`` (501 where the real station 501 stands at Science Park, the
+others on a 150 m grid around it: ``showers.default_position``) and published in
+``stack.json``: ``datastore simulate`` reports it in the stations' config messages, and air
+showers reach the stations by it.
 """
 
 from __future__ import annotations
@@ -71,10 +75,11 @@ from hisparc_datastore_dev.ports import (
 from hisparc_datastore_dev.processes import Served, stop_group
 from hisparc_datastore_dev.processes import pid_alive as _pid_alive
 from hisparc_datastore_dev.s3server import S3ServerError, SeaweedS3
+from hisparc_datastore_dev.showers import Position, default_position
 
 BUCKET_NAME = "hisparc-datastore"
-#: The demo stations are 501, 502, ... in Amsterdam: the real Science Park stations stand
-#: close together, so later simulations can let them see the same air showers.
+#: The demo stations are 501, 502, ... in Amsterdam, placed close together around the
+#: real station 501 (``positions.json``), so that they see the same air showers.
 DEMO_STATION = 501
 DEMO_CLUSTER = "Amsterdam"
 DEFAULT_STATIONS = 3
@@ -105,6 +110,7 @@ class StackFiles:
     config: Path
     credentials: Path
     stations: Path
+    positions: Path
     data: Path
     s3: Path
     logs: Path
@@ -118,6 +124,7 @@ class StackFiles:
             config=root / "config.ini",
             credentials=root / "credentials.env",
             stations=root / "stations.csv",
+            positions=root / "positions.json",
             data=root / "data",
             s3=root / "s3",
             logs=root / "logs",
@@ -137,8 +144,9 @@ class StackInfo:
     bucket: str
     data_dir: str
     config: str
-    #: The demo stations, ``{"number", "cluster", "password"}`` each: the first
-    #: ``--stations`` of the station list, for ``datastore simulate --stations N``.
+    #: The demo stations, ``{"number", "cluster", "password", "latitude", "longitude",
+    #: "altitude"}`` each: the first ``--stations`` of the station list and their places
+    #: (WGS84 degrees and metres), for ``datastore simulate --stations N``.
     stations: list[dict[str, Any]]
     children: dict[str, int]
     #: The functions' metrics endpoints, ``{"upload": url, "writer": url}``.
@@ -150,6 +158,11 @@ class StackInfo:
     def demo_stations(self) -> list[Station]:
         return [Station(int(s["number"]), str(s["cluster"]), str(s["password"]))
                 for s in self.stations]
+
+    def positions(self) -> dict[int, Position]:
+        """Where the demo stations stand (a stack started before positions lists none)."""
+        return {int(s["number"]): Position.from_dict(s) for s in self.stations
+                if {"latitude", "longitude", "altitude"} <= s.keys()}
 
 
 def _proc_text(pid: int, name: str) -> list[str]:
@@ -235,6 +248,36 @@ def ensure_station_list(files: StackFiles, count: int = DEFAULT_STATIONS) -> lis
                 writer.writerow([station.number, station.cluster, station.password])
         files.stations.chmod(0o600)
     return [*listed, *added][:count]
+
+
+def ensure_positions(files: StackFiles, stations: list[Station]) -> dict[int, Position]:
+    """Where each of ``stations`` stands: from ``positions.json``, or placed and added there.
+
+    A station gets its default place (``showers.default_position``) the first time it is
+    listed; entries already in the file are never rewritten, so a user may move a station
+    by editing its entry (while the stack is stopped).
+    """
+    places: dict[int, Position] = {}
+    with contextlib.suppress(FileNotFoundError):
+        text = files.positions.read_text(encoding="utf-8")
+        try:
+            known = json.loads(text)
+            if not isinstance(known, dict):
+                raise ValueError("not an object of station numbers")
+            places = {int(number): Position.from_dict(value) for number, value in known.items()}
+        except (ValueError, TypeError, KeyError) as exc:
+            raise LocalStackError(
+                f"{files.positions} is not a station-number -> latitude/longitude/altitude "
+                f"map ({exc}): fix it, or remove it to place the stations afresh"
+            ) from None
+    added = {s.number: default_position(s.number) for s in stations if s.number not in places}
+    if added:
+        places.update(added)
+        document = {str(number): place.as_dict() for number, place in sorted(places.items())}
+        temporary = files.positions.with_name(files.positions.name + ".tmp")
+        temporary.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
+        os.replace(temporary, files.positions)
+    return {s.number: places[s.number] for s in stations}
 
 
 def render_config(files: StackFiles, s3_endpoint: str, sleep: float) -> str:
@@ -546,6 +589,7 @@ class LocalStack:
         self._stop_leftovers()
         credentials = ensure_credentials(files)
         stations = ensure_station_list(files, options.stations)
+        positions = ensure_positions(files, stations)
         token = credentials[env_name("Writer", "auth_token")]
 
         taken: set[int] = set()
@@ -615,7 +659,8 @@ class LocalStack:
             bucket=BUCKET_NAME,
             data_dir=str(settings.data_dir),
             config=str(files.config),
-            stations=[asdict(station) for station in stations],
+            stations=[{**asdict(station), **positions[station.number].as_dict()}
+                      for station in stations],
             children={"seaweedfs": self.server.process.pid,
                       **{child.name: child.process.pid for child in self.children}},
             metrics={child.name: child.metrics_url for child in self.children

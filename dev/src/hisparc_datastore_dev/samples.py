@@ -5,30 +5,41 @@ section 4.6 (with the intended codes of the lightning types, see its section 5),
 values that fit the column dtypes listed there.  Everything is driven by one
 ``random.Random``, so the same seed gives the same batch, byte for byte once pickled.
 
-Traces follow the HiSPARC digitiser: 2.5 ns per sample and a 6 us window (1 us before the
-trigger, 1.5 us coincidence window, 3.5 us after it), hence 2,400 samples per channel,
-around a baseline of roughly 200 ADC counts with a PMT pulse near sample 400.  They are
-sent the way stations do: comma-separated ADC counts, zlib-compressed, base64 text.
+Coincidences (CIC) come from a model of the station's electronics (``electronics``): 2,400
+samples of 2.5 ns per channel around a baseline of 26-31 ADC counts, positive pulses from
+the particles of a shower, the trigger at sample 400, and every number the DAQ reports
+(baselines, their spread, peaks, pulse heights, integrals, trigger pattern) derived from
+those samples the way HiSPARC's analysis derives them, so that SAPPHiRE recomputes the
+stored values.  Traces are sent the way stations do: comma-separated ADC counts,
+zlib-compressed, base64 text.  A :class:`StationModel` adds a station's place, its own
+hardware and the air showers of ``showers`` to its stream of events.
 """
 
 from __future__ import annotations
 
 import base64
-import math
+import itertools
 import random
 import zlib
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
 import numpy as np
 
-#: Samples per trace: a 6 us window at 2.5 ns per sample.
-TRACE_SAMPLES = 2400
+from hisparc_datastore_dev import showers
+from hisparc_datastore_dev.electronics import (
+    ADC_MAX,
+    PRE_TRIGGER,
+    TRACE_SAMPLES,
+    Electronics,
+    Readout,
+    read_out,
+)
+
 #: Sample where the trigger sits (1 us of pre-coincidence time).
-TRIGGER_SAMPLE = 400
-#: The 12-bit ADC's ceiling.
-ADC_MAX = 4095
+TRIGGER_SAMPLE = PRE_TRIGGER
 
 Event = dict[str, Any]
 _Gen = Callable[[random.Random], Any]
@@ -294,19 +305,6 @@ def _numpy_rng(rng: random.Random) -> np.random.Generator:
     return np.random.default_rng(rng.getrandbits(64))
 
 
-def _add_pulse(wave: np.ndarray, start: float, height: float, rise: float, decay: float) -> None:
-    """Add a PMT pulse (fast rise, exponential tail, peak ``height``) from sample ``start``."""
-    first = max(math.ceil(start), 0)
-    last = min(first + int(decay * 25) + 1, wave.size)  # the tail is gone after ~25 decays
-    if first >= last:
-        return
-    t = np.arange(first, last, dtype=np.float64) - start
-    shape = np.exp(-t / decay) - np.exp(-t / rise)
-    peak = shape.max()
-    if peak > 0:
-        wave[first:last] += shape * (height / peak)
-
-
 #: Decimal text of every ADC value: joining these is ten times faster than str() per sample.
 _ADC_TEXT = np.array([str(value) for value in range(ADC_MAX + 1)], dtype=object)
 
@@ -326,37 +324,25 @@ def decode_trace(blob: str | bytes) -> list[int]:
     return [int(v) for v in zlib.decompress(base64.b64decode(blob)).decode("ascii").split(",")]
 
 
-def _channel(
-    rng: random.Random, samples: int = TRACE_SAMPLES, pulses: int | None = None
-) -> dict[str, Any]:
-    """One detector channel: ADC samples and the summary values the DAQ derives from them."""
+def local_readout(station: Electronics, rng: random.Random,
+                  samples: int = TRACE_SAMPLES) -> Readout:
+    """One of a station's ordinary triggers: a small shower only it sees.
+
+    Drawn again, denser each time, until the station triggers (most small showers do not).
+    """
     gen = _numpy_rng(rng)
-    baseline = rng.gauss(200.0, 4.0)
-    sigma = rng.uniform(0.5, 1.3)
-    wave = gen.normal(baseline, sigma, samples)
-    if pulses is None:
-        pulses = 0 if rng.random() < 0.12 else (1 if rng.random() < 0.85 else 2)
-    for number in range(pulses):
-        start = TRIGGER_SAMPLE + rng.gauss(0.0, 6.0) + number * rng.uniform(15.0, 200.0)
-        height = min(math.exp(rng.gauss(5.2, 0.7)), ADC_MAX - baseline - 10)
-        _add_pulse(wave, start, height, rng.uniform(1.0, 2.0), rng.uniform(6.0, 14.0))
-    adc = np.clip(np.rint(wave), 0, ADC_MAX).astype(np.int64)
-    bl = round(baseline)
-    above = adc - bl
-    integral = int(above[above > 3 * sigma + 2].sum()) if pulses else 0
-    return {
-        "adc": adc,
-        "baseline": bl,
-        "std_dev": round(sigma * 1000),  # the DAQ reports the baseline spread in milli-ADC
-        "n_peaks": pulses,
-        "pulseheight": int(above.max()),
-        "integral": integral,
-    }
+    offsets = showers.detector_offsets()
+    for attempt in range(40):
+        hits = showers.local_hits(rng, gen, offsets, attempt)
+        readout = read_out(station, hits, gen, samples)
+        if readout is not None:
+            return readout
+    raise RuntimeError("no trigger from ever denser showers: the trigger settings are off")
 
 
-def make_trace(rng: random.Random, samples: int = TRACE_SAMPLES, pulses: int | None = None) -> str:
+def make_trace(rng: random.Random, samples: int = TRACE_SAMPLES) -> str:
     """One realistic trace as a station uploads it (base64 of zlib of comma-separated ADC)."""
-    return encode_trace(_channel(rng, samples, pulses)["adc"])
+    return encode_trace(local_readout(Electronics.draw(rng), rng, samples).adc[0])
 
 
 # --- events ----------------------------------------------------------------------------
@@ -372,36 +358,62 @@ def _header(kind: str, when: datetime, rng: random.Random) -> dict[str, Any]:
     return {"eventtype_uploadcode": kind, "datetime": when, "nanoseconds": nanoseconds}
 
 
+_EPOCH = datetime(1970, 1, 1)
+
+
+def epoch_ns(when: datetime) -> int:
+    """Nanoseconds since 1970 of a naive UTC datetime (exact, unlike a float timestamp)."""
+    delta = when - _EPOCH
+    return (delta.days * 86_400 + delta.seconds) * 10**9 + delta.microseconds * 1000
+
+
+def event_time_ns(event: Event) -> int:
+    """When an event happened, from its header, in nanoseconds since 1970."""
+    header = event["header"]
+    return epoch_ns(header["datetime"]) + int(header["nanoseconds"])
+
+
 def _item(code: str, value: Any) -> dict[str, Any]:
     return {"data_uploadcode": code, "data": value}
 
 
-def cic_event(
-    when: datetime, rng: random.Random, traces: bool = True, samples: int = TRACE_SAMPLES
-) -> Event:
-    """A coincidence (CIC) event of a four-detector station, with or without its traces."""
-    channels = [_channel(rng, samples) for _ in range(4)]
-    pattern = 0
-    for number, ch in enumerate(channels):
-        pattern |= (ch["pulseheight"] > 30) << number
-        pattern |= (ch["pulseheight"] > 70) << (number + 4)
+def _cic_datalist(readout: Readout, event_rate: float, traces: bool) -> list[dict[str, Any]]:
+    """The upload codes of a coincidence, every value as the DAQ derived it from its traces.
+
+    ``RED`` (data reduction) is False: the traces are whole, as the config says.
+    """
     datalist = [
-        _item("RED", rng.random() < 0.02),
-        _item("EVENTRATE", round(rng.uniform(0.3, 1.4), 4)),
-        _item("TRIGPATTERN", pattern),
+        _item("RED", False),
+        _item("EVENTRATE", round(event_rate, 4)),
+        _item("TRIGPATTERN", readout.trigger_pattern),
     ]
-    for code, key in (
-        ("BL", "baseline"),
-        ("STDDEV", "std_dev"),
-        ("NP", "n_peaks"),
-        ("PH", "pulseheight"),
-        ("IN", "integral"),
+    for code, values in (
+        ("BL", readout.baseline),
+        ("STDDEV", readout.std_dev),
+        ("NP", readout.n_peaks),
+        ("PH", readout.pulseheights),
+        ("IN", readout.integrals),
     ):
-        datalist.extend(_item(f"{code}{n}", int(ch[key])) for n, ch in enumerate(channels, 1))
+        datalist.extend(_item(f"{code}{n}", value) for n, value in enumerate(values, 1))
     if traces:
-        datalist.extend(
-            _item(f"TR{n}", encode_trace(ch["adc"])) for n, ch in enumerate(channels, 1)
-        )
+        datalist.extend(_item(f"TR{n}", encode_trace(row)) for n, row in enumerate(readout.adc, 1))
+    return datalist
+
+
+def cic_event(
+    when: datetime,
+    rng: random.Random,
+    traces: bool = True,
+    samples: int = TRACE_SAMPLES,
+    station: Electronics | None = None,
+) -> Event:
+    """A coincidence (CIC) event of a four-detector station, with or without its traces.
+
+    One of the station's ordinary triggers (a small local shower) read out by ``station``'s
+    electronics (a random station's when None), triggering at ``when``.
+    """
+    readout = local_readout(station or Electronics.draw(rng), rng, samples)
+    datalist = _cic_datalist(readout, rng.uniform(0.3, 1.4), traces)
     return {"header": _header("CIC", when, rng), "datalist": datalist}
 
 
@@ -439,8 +451,151 @@ def batch(
     return events
 
 
+# --- a simulated station ---------------------------------------------------------------
+
+#: Spread (ns) of a station's GPS timestamps around the true time of its trigger.
+GPS_JITTER_NS = 2.0
+#: The station's thresholds as its config states them, in millivolts (HiSPARC defaults).
+LOW_THRESHOLD_MV = 30.0
+HIGH_THRESHOLD_MV = 70.0
+
+
+@dataclass(frozen=True)
+class StationModel:
+    """A simulated station: where it stands, its electronics, the showers over it.
+
+    Its events are consistent with each other: the config reports its GPS position and
+    trigger settings, and every coincidence comes from particles read out by the same four
+    channels, either a small shower of its own or one of the air showers of ``stream``
+    (None: only its own triggers).  The electronics are a function of the station number:
+    the same station has the same hardware in every run.
+    """
+
+    number: int
+    position: showers.Position
+    electronics: Electronics
+    stream: showers.ShowerStream | None = None
+    detectors: np.ndarray = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        middle = self.stream.middle if self.stream is not None else showers.CLUSTER_MIDDLE
+        object.__setattr__(self, "detectors", showers.detectors_enu(self.position, middle))
+
+    @classmethod
+    def create(cls, number: int, position: showers.Position | None = None,
+               stream: showers.ShowerStream | None = None) -> StationModel:
+        """Station ``number`` at ``position`` (its default place when None)."""
+        hardware = Electronics.draw(random.Random(f"electronics of {number}"))  # noqa: S311
+        return cls(number, position or showers.default_position(number), hardware, stream)
+
+    def config_event(self, when: datetime, rng: random.Random) -> Event:
+        """A CFG message: the generic values, with this station's position and trigger."""
+        trigger = self.electronics.trigger
+        settings: dict[str, Any] = {
+            "CFG_GPS_LAT": self.position.latitude,
+            "CFG_GPS_LONG": self.position.longitude,
+            "CFG_GPS_ALT": self.position.altitude,
+            "CFG_TRIGLOWSIG": trigger.n_low,
+            "CFG_TRIGHIGHSIG": trigger.n_high,
+            "CFG_TRIGEXT": int(trigger.external),
+            "CFG_TRIGANDOR": trigger.and_or,
+            "CFG_PRECTIME": 1.0e-6,
+            "CFG_CTIME": 1.5e-6,
+            "CFG_POSTCTIME": 3.5e-6,
+            "CFG_USEFILTER": False,
+            "CFG_USEFILTTHRES": False,
+            "CFG_REDUCE": False,
+        }
+        for board in ("MAS", "SLV"):
+            for channel in ("CH1", "CH2"):
+                settings[f"CFG_{board}_{channel}THRLOW"] = LOW_THRESHOLD_MV
+                settings[f"CFG_{board}_{channel}THRHIGH"] = HIGH_THRESHOLD_MV
+        event = event_of_type("CFG", when, rng)
+        for item in event["datalist"]:
+            if item["data_uploadcode"] in settings:
+                item["data"] = settings[item["data_uploadcode"]]
+        return event
+
+    def local_event(self, when: datetime, rng: random.Random, traces: bool = True) -> Event:
+        """One of the station's ordinary triggers, at ``when``."""
+        return cic_event(when, rng, traces=traces, station=self.electronics)
+
+    def shower_events(self, start_ns: int, end_ns: int, traces: bool = True) -> list[Event]:
+        """The events of the air showers in ``[start_ns, end_ns)`` this station triggers on.
+
+        The event's time is the trigger's: the front's arrival at the detectors, the
+        moment the trigger condition is met, and the GPS's few nanoseconds of jitter.
+        """
+        if self.stream is None:
+            return []
+        events = []
+        for shower in self.stream.between(start_ns, end_ns):
+            gen = showers.station_generator(self.stream.seed, shower, self.number)
+            hits = showers.station_hits(shower, self.detectors, gen)
+            if hits is None:
+                continue
+            readout = read_out(self.electronics, hits, gen)
+            if readout is None:
+                continue
+            jitter = gen.normal(0.0, GPS_JITTER_NS)
+            moment = shower.time_ns + round(readout.trigger_time + jitter)
+            seconds, nanoseconds = divmod(moment, 10**9)
+            header = {"eventtype_uploadcode": "CIC",
+                      "datetime": _EPOCH + timedelta(seconds=seconds),
+                      "nanoseconds": nanoseconds}
+            datalist = _cic_datalist(readout, float(gen.uniform(0.3, 1.4)), traces)
+            events.append({"header": header, "datalist": datalist})
+        return events
+
+
 #: Event types a station sends now and then besides coincidences and singles.
 _OCCASIONAL = ("CFG", "ERR", "CMP", "SAT", "WTR")
+
+
+def event_stream(
+    start: datetime,
+    rng: random.Random,
+    traces: bool = True,
+    coincidence_rate: float = 0.5,
+    occasional_rate: float = 0.02,
+    station: StationModel | None = None,
+) -> Iterator[Event]:
+    """A station's events from ``start`` on, for ever, in time order.
+
+    Per second: one singles (SIN) message; the station's own coincidences (CIC, with
+    traces) as a Poisson process of ``coincidence_rate`` per second; a chance
+    ``occasional_rate`` of one other message (CFG, ERR, CMP, SAT or WTR); and with a
+    ``station`` that stands under showers, the coincidences of the showers it triggers on.
+    An event a second's work puts after the next second starts waits for that second, so
+    the stream never goes back in time.
+    """
+    held: list[tuple[int, int, Event]] = []
+    order = itertools.count()
+    second = 0
+    while True:
+        base = start + timedelta(seconds=second)
+        end = epoch_ns(base) + 10**9
+        made = [event_of_type("SIN", base, rng)]
+        t = rng.expovariate(coincidence_rate) if coincidence_rate > 0 else 2.0
+        while t < 1.0:
+            when = base + timedelta(microseconds=int(t * 1e6))
+            made.append(station.local_event(when, rng, traces) if station
+                        else cic_event(when, rng, traces=traces))
+            t += rng.expovariate(coincidence_rate)
+        if rng.random() < occasional_rate:  # these types carry whole seconds
+            when = base + timedelta(microseconds=rng.randrange(1_000_000))
+            when = max(when.replace(microsecond=0), base)
+            kind = rng.choice(_OCCASIONAL)
+            made.append(station.config_event(when, rng) if station and kind == "CFG"
+                        else event_of_type(kind, when, rng))
+        if station is not None:
+            made += station.shower_events(end - 10**9, end, traces)
+        held += [(event_time_ns(event), next(order), event) for event in made]
+        held.sort(key=lambda entry: entry[:2])
+        due = sum(1 for moment, _, _ in held if moment < end)
+        yield from (event for _, _, event in held[:due])
+        del held[:due]
+        second += 1
 
 
 def realistic_batch(
@@ -450,31 +605,15 @@ def realistic_batch(
     traces: bool = True,
     coincidence_rate: float = 0.5,
     occasional_rate: float = 0.02,
+    station: StationModel | None = None,
 ) -> list[Event]:
     """``n`` events in time order as a station's upload queue holds them.
 
-    One singles (SIN) message per second, coincidences (CIC, with traces) as a Poisson
-    process of ``coincidence_rate`` per second, and per second a chance
-    ``occasional_rate`` of one other message (CFG, ERR, CMP, SAT or WTR).  With the
-    defaults 100 events span about 70 s and hold about a third CIC, like a real station's batch.
+    The first ``n`` of :func:`event_stream`.  With the defaults 100 events span about
+    70 s and hold about a third CIC, like a real station's batch.
     """
-    events: list[tuple[datetime, Event]] = []
-    second = 0
-    while len(events) < n:
-        base = start + timedelta(seconds=second)
-        events.append((base, event_of_type("SIN", base, rng)))
-        t = rng.expovariate(coincidence_rate) if coincidence_rate > 0 else 2.0
-        while t < 1.0 and len(events) < n:
-            when = base + timedelta(microseconds=int(t * 1e6))
-            events.append((when, cic_event(when, rng, traces=traces)))
-            t += rng.expovariate(coincidence_rate)
-        if len(events) < n and rng.random() < occasional_rate:
-            when = base + timedelta(microseconds=rng.randrange(1_000_000))
-            kind = rng.choice(_OCCASIONAL)
-            events.append((when, event_of_type(kind, when.replace(microsecond=0), rng)))
-        second += 1
-    events.sort(key=lambda pair: pair[0])
-    return [event for _, event in events[:n]]
+    stream = event_stream(start, rng, traces, coincidence_rate, occasional_rate, station)
+    return list(itertools.islice(stream, n))
 
 
 # --- the Python 3 client flavour -------------------------------------------------------

@@ -16,6 +16,13 @@ Simulated stations are distinct stations: each uploads under its own number and 
 Stations sharing one identity would send one stream twice, which HiSPARC's analysis drops
 as duplicate singles.  With ``--rate``, the summary says whether the rate was kept and, if
 not, where a station's time went: preparing batches here, or waiting for answers.
+
+Each station stands somewhere (the local stack publishes the positions it keeps; otherwise
+``showers.default_position``) and air showers (``--shower-rate``) fall on the cluster, so
+stations near each other record the same showers at the times the shower's geometry gives:
+HiSPARC's analysis finds them as coincidences and reconstructs their directions.  A
+station's events depend only on the seed, the start, its number and its position, not on
+which other stations run, so separate processes with one seed simulate one cluster.
 """
 
 from __future__ import annotations
@@ -40,6 +47,15 @@ from hisparc_datastore.config import DEFAULT_STATE_DIR
 from hisparc_datastore.stations import parse_station_list
 from hisparc_datastore.upload import protocol
 from hisparc_datastore_dev.local import read_stack_info
+from hisparc_datastore_dev.showers import (
+    DEFAULT_SHOWER_RATE,
+    MAX_ENERGY,
+    MIN_ENERGY,
+    SHOWER_RADIUS,
+    Position,
+    ShowerStream,
+    default_position,
+)
 
 PICKLE_FLAVOURS = ("py2", "py3")
 PY3_PROTOCOL = 3  # what PySPARC's uploads were seen to use
@@ -71,52 +87,73 @@ class SimulatedStation:
     """One station the simulator uploads as.
 
     Its number is its identity at the upload function and the seed of its event stream,
-    so no two simulated stations send the same events.  Kept small on purpose: what a
-    station needs beyond this (where it stands, its detectors) belongs here too.
+    so no two simulated stations send the same events.  ``position`` is where it stands
+    (its default place when None); its detectors are the standard layout around it.
     """
 
     number: int
     password: str = field(repr=False)
     cluster: str = ""
+    position: Position | None = None
+
+    @property
+    def place(self) -> Position:
+        return self.position or default_position(self.number)
 
 
 # --------------------------------------------------------------------------- batches
 
 
-def build_batch(
-    size: int, start: dt.datetime, rng: random.Random, every_type: bool = False
-) -> list[dict[str, Any]]:
-    """``size`` realistic events from ``start`` on; with ``every_type``, one of each type first.
+def station_events(
+    station: int | SimulatedStation,
+    start: dt.datetime,
+    seed: int,
+    shower_rate: float = DEFAULT_SHOWER_RATE,
+    stream: ShowerStream | None = None,
+) -> Iterator[dict[str, Any]]:
+    """The endless, deterministic event stream of a station, from ``start`` on.
 
-    Times are naive UTC, as the station software sends them.
+    First one event of every type, a second apart (so that even a short run fills every
+    table), then what the station records: singles, its own triggers, now and then
+    another message, and the air showers of ``stream`` (or of ``shower_rate`` and
+    ``seed``) it triggers on.  Times are naive UTC, as the station software sends them.
     """
     from hisparc_datastore_dev import samples
 
-    events: list[dict[str, Any]] = []
-    if every_type:
-        for index, code in enumerate(samples.UPLOAD_CODE_ORDER[:size]):
-            events.append(samples.event_of_type(code, start + dt.timedelta(seconds=index), rng))
-    rest = size - len(events)
-    if rest:
-        events += samples.realistic_batch(rest, start + dt.timedelta(seconds=len(events)), rng)
-    return events
-
-
-def next_start(events: list[dict[str, Any]]) -> dt.datetime:
-    """The whole second after a batch's last event: where the station's next batch begins."""
-    last = max(event["header"]["datetime"] for event in events)
-    return last.replace(microsecond=0) + dt.timedelta(seconds=1)
+    if isinstance(station, int):
+        station = SimulatedStation(station, "")
+    if stream is None and shower_rate > 0:
+        stream = ShowerStream(seed, shower_rate)
+    model = samples.StationModel.create(station.number, station.place, stream)
+    rng = random.Random(seed * 1_000_003 + station.number)  # noqa: S311 (sample data)
+    for index, code in enumerate(samples.UPLOAD_CODE_ORDER):
+        when = start + dt.timedelta(seconds=index)
+        if code == "CIC":  # at a moment of its own: stations must not coincide by design
+            later = rng.randrange(1_000_000 - when.microsecond)
+            yield model.local_event(when + dt.timedelta(microseconds=later), rng)
+        elif code == "CFG":
+            yield model.config_event(when, rng)
+        else:
+            yield samples.event_of_type(code, when, rng)
+    later = start + dt.timedelta(seconds=len(samples.UPLOAD_CODE_ORDER))
+    yield from samples.event_stream(later, rng, station=model)
 
 
 def station_batches(
-    station: int, size: int, start: dt.datetime, seed: int
+    station: int | SimulatedStation,
+    size: int,
+    start: dt.datetime,
+    seed: int,
+    shower_rate: float = DEFAULT_SHOWER_RATE,
+    stream: ShowerStream | None = None,
 ) -> Iterator[list[dict[str, Any]]]:
-    """The endless, deterministic stream of batches of station number ``station``."""
-    rng = random.Random(seed * 1_000_003 + station)  # noqa: S311 (sample data)
-    events = build_batch(size, start, rng, every_type=True)
+    """The endless, deterministic batches of a station: its events, ``size`` at a time.
+
+    Consecutive batches continue one another: nothing is skipped between them.
+    """
+    events = station_events(station, start, seed, shower_rate, stream)
     while True:
-        yield events
-        events = build_batch(size, next_start(events), rng)
+        yield list(itertools.islice(events, size))
 
 
 def pickle_batch(events: list[dict[str, Any]], flavour: str) -> bytes:
@@ -437,11 +474,12 @@ class Plan:
     seed: int = 0
     start: dt.datetime | None = None
     max_retries: int | None = None
+    shower_rate: float = DEFAULT_SHOWER_RATE  # air showers per second on the cluster
 
 
 def run_station(station: SimulatedStation, plan: Plan, summary: Summary,
                 stop: threading.Event, start: dt.datetime, began: float,
-                deadline: float | None) -> None:
+                deadline: float | None, stream: ShowerStream | None = None) -> None:
     """One station: batch ``k`` is due ``k / rate`` s after ``began`` (or at once).
 
     The next batch is prepared before its time comes, as a station has it ready, so
@@ -449,7 +487,8 @@ def run_station(station: SimulatedStation, plan: Plan, summary: Summary,
     """
     import requests
 
-    batches = station_batches(station.number, plan.batch_size, start, plan.seed)
+    batches = station_batches(station, plan.batch_size, start, plan.seed, plan.shower_rate,
+                              stream)
     with requests.Session() as session:
         for number in itertools.count():
             if plan.batches is not None and number >= plan.batches:
@@ -483,9 +522,12 @@ def simulate(plan: Plan, stop: threading.Event | None = None) -> tuple[Summary, 
     summary = Summary()
     began = time.monotonic()
     deadline = began + plan.duration if plan.duration else None
+    # One stream for all stations: they share the showers, and work out each block once.
+    stream = ShowerStream(plan.seed, plan.shower_rate) if plan.shower_rate > 0 else None
     threads = [
         threading.Thread(
-            target=run_station, args=(station, plan, summary, stop, start, began, deadline),
+            target=run_station,
+            args=(station, plan, summary, stop, start, began, deadline, stream),
             name=f"station-{station.number}", daemon=True,
         )
         for station in plan.stations
@@ -513,6 +555,13 @@ def _positive(kind: type) -> Callable[[str], Any]:
         return value
 
     return parse
+
+
+def _rate(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError("must be a number >= 0")
+    return value
 
 
 def _timestamp(text: str) -> dt.datetime:
@@ -544,6 +593,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     what.add_argument("--start", type=_timestamp,
                       help="UTC time of the first event, ISO 8601 (default: now)")
     what.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    what.add_argument("--shower-rate", type=_rate, default=DEFAULT_SHOWER_RATE, metavar="R",
+                      help="air showers per second falling within "
+                           f"{SHOWER_RADIUS:.0f} m of the cluster (energies "
+                           f"{MIN_ENERGY / 1e15:g}-{MAX_ENERGY / 1e15:g} PeV), seen by every "
+                           "simulated station they reach; 0 for none (default: %(default)s, "
+                           "about nature's rate)")
     load = parser.add_argument_group("load")
     load.add_argument("--stations", type=_positive(int), default=1,
                       help="distinct stations uploading at once: the first N of the station "
@@ -582,12 +637,13 @@ def choose_stations(
         if count > 1:
             _refuse(f"--station names one station, not {count}: leave --station out to "
                     f"upload as {count} stations from {source}")
+        match = [candidate for candidate in listed if candidate.number == station]
         if password is None:
-            match = [candidate for candidate in listed if candidate.number == station]
             if not match:
                 _refuse(f"no password for station {station}: give --password")
             password = match[0].password
-        return (SimulatedStation(station, password),)
+        position = match[0].position if match else None
+        return (SimulatedStation(station, password, position=position),)
     if password is not None:
         _refuse("--password goes with --station")
     if len(listed) < count:
@@ -618,7 +674,9 @@ def plan_from_args(args: argparse.Namespace) -> Plan:
                     f"{args.state_dir} (start one with `datastore local`)")
         url = url or info.upload_url
         if args.station_list is None:
-            listed = [SimulatedStation(s.number, s.password, s.cluster)
+            positions = info.positions()
+            listed = [SimulatedStation(s.number, s.password, s.cluster,
+                                       positions.get(s.number))
                       for s in info.demo_stations()]
             source = f"the local stack in {args.state_dir}"
             more = f": restart it with `datastore local --stations {args.stations}`"
@@ -635,6 +693,7 @@ def plan_from_args(args: argparse.Namespace) -> Plan:
         seed=args.seed,
         start=args.start,
         max_retries=args.max_retries,
+        shower_rate=args.shower_rate,
     )
 
 
@@ -651,9 +710,11 @@ def describe_stations(stations: tuple[SimulatedStation, ...]) -> str:
 def run(args: argparse.Namespace) -> int:
     plan = plan_from_args(args)
     summary, pace = simulate(plan)
+    showers = f"air showers {plan.shower_rate:g}/s" if plan.shower_rate else "no air showers"
     header = (
         f"simulated {len(plan.stations)} station(s), as {describe_stations(plan.stations)} "
-        f"-> {plan.url} ({plan.flavour} pickles, {plan.batch_size} events per batch)"
+        f"-> {plan.url} ({plan.flavour} pickles, {plan.batch_size} events per batch, "
+        f"{showers})"
     )
     sys.stdout.write(format_summary(summary, header, pace))
     sys.stdout.flush()
