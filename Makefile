@@ -64,3 +64,23 @@ format-doc: $(STAMP)
 
 clean:
 	rm -rf $(VENV) $(SYSTEM_VENV) .pytest_cache .ruff_cache
+
+# The images' lock files (locks/*.lock: every dependency pinned, with hashes), made from
+# pyproject.toml by uv at this version (docs/IMAGES.md).  `make locks` after a change to
+# the dependencies keeps the versions already locked where it can; `make locks-upgrade`
+# takes the newest that pyproject.toml admits.
+UV_VERSION ?= 0.13.9
+.PHONY: locks locks-upgrade image-check
+locks: $(STAMP)
+	$(BIN)/python -m pip install --quiet "uv==$(UV_VERSION)"
+	UV=$(BIN)/uv scripts/locks.sh
+
+locks-upgrade: $(STAMP)
+	$(BIN)/python -m pip install --quiet "uv==$(UV_VERSION)"
+	UV=$(BIN)/uv scripts/locks.sh --upgrade
+
+# Builds both images with podman and runs them as Knative would, against a local S3
+# server (scripts/image-check.sh; docs/IMAGES.md).  PYTHON_IMAGE=... builds on a real
+# python image instead of the Debian stand-in.
+image-check: $(STAMP)
+	PY=$(BIN)/python scripts/image-check.sh

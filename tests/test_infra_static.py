@@ -1034,11 +1034,15 @@ def test_dockerfile_bakes_the_config_and_serves_the_function(name: str) -> None:
     assert "IDLE_TIMEOUT_SECONDS" not in env or float(env["IDLE_TIMEOUT_SECONDS"]) > 0
     assert not {key for key in env if re.search(r"SECRET|TOKEN|PASSWORD|AWS_", key)}
     build = " ".join(item.arguments for item in instructions if item.keyword == "RUN")
-    assert f'pip install --no-cache-dir ".[{name}]"' in build
+    # Dependencies only from the image's lock, with hashes; the project without any
+    # (tests/test_images.py checks the locks against pyproject.toml's extras).
+    assert f"--require-hashes --no-deps --only-binary :all: -r locks/{name}.lock" in build
+    assert "--no-deps --no-index /tmp/wheels/hisparc_datastore-" in build
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     extras = project["optional-dependencies"]
     assert any(dep.startswith("functions-framework") for dep in extras[name])
-    for source in ("pyproject.toml", "README.md", "src", f"functions/{name}/main.py"):
+    for source in ("pyproject.toml", "README.md", "src", f"functions/{name}/main.py",
+                   f"locks/{name}.lock", "locks/build.lock"):
         assert (ROOT / source).exists(), source
 
 

@@ -44,12 +44,19 @@ volume and point ``TMPDIR`` at it (the Knative manifests use ``/scratch``: Knati
 Metrics (:mod:`hisparc_datastore.metrics`): before the function is imported, the launcher
 points ``PROMETHEUS_MULTIPROC_DIR`` at an empty directory under ``$TMPDIR`` (unless it is
 set), so gunicorn's workers share their counters; the arbiter process serves their sum on
-``METRICS_HOST``:``METRICS_PORT`` (default 0.0.0.0:9091; ``METRICS_PORT=0`` turns it off),
+``METRICS_HOST``:``METRICS_PORT`` (default 0.0.0.0:9464; ``METRICS_PORT=0`` turns it off),
 a port the Knative Services do not route, so stations cannot reach it.  A worker that exits
 has its live gauges removed.
 
 Graceful shutdown on SIGTERM (in-flight requests finish within gunicorn's
 ``graceful_timeout``) and the arbiter's signal handling are gunicorn's own.
+
+gunicorn's control socket (gunicorn 25.1 and later, for its ``gunicornc`` tool) is turned
+off: nothing here uses it, and its default place, ``$XDG_RUNTIME_DIR`` or
+``$HOME/.gunicorn``, cannot be made for the images' user (``HOME=/nonexistent``), so
+every start logged ``Control server error``; on a developer's machine every served
+function shared one socket path.  An older gunicorn, which has no such
+setting, is given none (:data:`NEWER_GUNICORN_SETTINGS`).
 """
 
 from __future__ import annotations
@@ -87,11 +94,13 @@ LIMIT_REQUEST_FIELD_SIZE = 8190
 DEFAULT_HOST = "0.0.0.0"  # noqa: S104 - a container serves on all its interfaces
 DEFAULT_PORT = 8080
 METRICS_PORT_ENV = "METRICS_PORT"
-DEFAULT_METRICS_PORT = 9091
+DEFAULT_METRICS_PORT = 9464
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 #: At most this much already-received request data is drained when a connection closes.
 DRAIN_CHUNK = 64 * 1024
 DRAIN_READS = 16
+#: Settings only newer gunicorns know, left out where the installed one lacks them.
+NEWER_GUNICORN_SETTINGS = frozenset({"control_socket_disable"})  # gunicorn >= 25.1
 
 
 class IdleTimeoutConn(TConn):
@@ -213,6 +222,7 @@ class ServeOptions:
             "limit_request_fields": LIMIT_REQUEST_FIELDS,
             "limit_request_field_size": LIMIT_REQUEST_FIELD_SIZE,
             "child_exit": _worker_exited,
+            "control_socket_disable": True,
         }
 
 
@@ -320,6 +330,8 @@ class FunctionApplication(gunicorn.app.base.BaseApplication):
 
     def load_config(self) -> None:
         for key, value in self.settings.items():
+            if key in NEWER_GUNICORN_SETTINGS and key not in self.cfg.settings:
+                continue
             self.cfg.set(key, value)
 
     def load(self) -> Any:
