@@ -48,6 +48,10 @@ set), so gunicorn's workers share their counters; the arbiter process serves the
 a port the Knative Services do not route, so stations cannot reach it.  A worker that exits
 has its live gauges removed.
 
+HTTPS: with ``TLS_CERT_FILE`` and ``TLS_KEY_FILE`` (PEM) set, gunicorn serves TLS itself.
+The deployed functions leave them unset (Knative's gateway ends the stations' TLS);
+``datastore local --https`` sets them, so a client can be tried over TLS on one machine.
+
 Graceful shutdown on SIGTERM (in-flight requests finish within gunicorn's
 ``graceful_timeout``) and the arbiter's signal handling are gunicorn's own.
 
@@ -95,6 +99,9 @@ DEFAULT_HOST = "0.0.0.0"  # noqa: S104 - a container serves on all its interface
 DEFAULT_PORT = 8080
 METRICS_PORT_ENV = "METRICS_PORT"
 DEFAULT_METRICS_PORT = 9464
+#: HTTPS served by the launcher itself (a local stack's; Knative's gateway ends TLS).
+TLS_CERT_ENV = "TLS_CERT_FILE"
+TLS_KEY_ENV = "TLS_KEY_FILE"
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 #: At most this much already-received request data is drained when a connection closes.
 DRAIN_CHUNK = 64 * 1024
@@ -206,10 +213,14 @@ class ServeOptions:
     keepalive: int = DEFAULT_KEEPALIVE
     metrics_host: str = DEFAULT_HOST
     metrics_port: int = DEFAULT_METRICS_PORT
+    #: HTTPS with this certificate chain and key (PEM), or plain HTTP when None.
+    tls: tuple[Path, Path] | None = None
 
     def gunicorn(self) -> dict[str, Any]:
         """The gunicorn settings; ``timeout`` is the worker heartbeat, 0 (none) by default."""
-        return {
+        tls = {} if self.tls is None else {"certfile": str(self.tls[0]),
+                                           "keyfile": str(self.tls[1])}
+        return tls | {
             "bind": f"{self.host}:{self.port}",
             "workers": self.workers,
             "threads": self.threads,
@@ -259,7 +270,21 @@ def options(args: argparse.Namespace, environ: Mapping[str, str]) -> ServeOption
         metrics_host=environ.get("METRICS_HOST", DEFAULT_HOST),
         metrics_port=_port(environ.get(METRICS_PORT_ENV, str(DEFAULT_METRICS_PORT)),
                            METRICS_PORT_ENV),
+        tls=_tls(environ),
     )
+
+
+def _tls(environ: Mapping[str, str]) -> tuple[Path, Path] | None:
+    """``TLS_CERT_FILE`` and ``TLS_KEY_FILE``: both or neither, and both readable."""
+    cert, key = environ.get(TLS_CERT_ENV, ""), environ.get(TLS_KEY_ENV, "")
+    if not cert and not key:
+        return None
+    if not (cert and key):
+        raise ValueError(f"{TLS_CERT_ENV} and {TLS_KEY_ENV} go together (HTTPS needs both)")
+    for name, path in ((TLS_CERT_ENV, cert), (TLS_KEY_ENV, key)):
+        if not os.access(path, os.R_OK):
+            raise ValueError(f"{name} = {path!r} is not a readable file")
+    return Path(cert), Path(key)
 
 
 def _port(value: str, name: str) -> int:

@@ -49,7 +49,7 @@ import uuid
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 from urllib.parse import quote_plus
 
 from hisparc_datastore.config import (
@@ -76,6 +76,9 @@ from hisparc_datastore_dev.processes import Served, stop_group
 from hisparc_datastore_dev.processes import pid_alive as _pid_alive
 from hisparc_datastore_dev.s3server import S3ServerError, SeaweedS3
 from hisparc_datastore_dev.showers import Position, default_position
+
+if TYPE_CHECKING:
+    from hisparc_datastore_dev.tls import TlsFiles
 
 BUCKET_NAME = "hisparc-datastore"
 #: The demo stations are 501, 502, ... in Amsterdam, placed close together around the
@@ -116,6 +119,7 @@ class StackFiles:
     logs: Path
     info: Path  # stack.json
     lock: Path
+    tls: Path  # the self-signed certificate of --https
 
     @classmethod
     def at(cls, root: Path) -> StackFiles:
@@ -130,6 +134,7 @@ class StackFiles:
             logs=root / "logs",
             info=root / "stack.json",
             lock=root / "local.lock",
+            tls=root / "tls",
         )
 
 
@@ -151,6 +156,9 @@ class StackInfo:
     children: dict[str, int]
     #: The functions' metrics endpoints, ``{"upload": url, "writer": url}``.
     metrics: dict[str, str] = field(default_factory=dict)
+    #: With ``--https``: the upload function's self-signed certificate, which clients
+    #: trust (``datastore simulate`` does).
+    upload_ca: str | None = None
 
     def is_running(self) -> bool:
         return _pid_alive(self.pid)
@@ -473,12 +481,20 @@ def functions_dir() -> Path:
 Child = Served
 
 
+def _certificate(files: StackFiles) -> TlsFiles:
+    from hisparc_datastore_dev.tls import ensure_certificate  # cryptography: only for HTTPS
+
+    return ensure_certificate(files.tls)
+
+
 def start_function(
-    name: str, target: str, port: int, environment: Mapping[str, str], log_path: Path
+    name: str, target: str, port: int, environment: Mapping[str, str], log_path: Path,
+    tls: TlsFiles | None = None,
 ) -> Child:
     """Serve ``functions/<name>/main.py`` as its image does (:mod:`hisparc_datastore.serve`)."""
     source = functions_dir() / name / "main.py"
-    return processes.start_function(source, target, environment, log_path, name=name, port=port)
+    return processes.start_function(source, target, environment, log_path, name=name, port=port,
+                                    tls=None if tls is None else (tls.cert, tls.key))
 
 
 def wait_until_serving(child: Child, stop: threading.Event, timeout: float = READY_TIMEOUT) -> None:
@@ -524,6 +540,8 @@ class Options:
     writer_port: int = DEFAULT_WRITER_PORT
     webhook: bool = True
     stations: int = DEFAULT_STATIONS
+    #: The upload function over HTTPS, with a self-signed certificate (tls.py).
+    https: bool = False
 
 
 class LocalStack:
@@ -640,6 +658,7 @@ class LocalStack:
         upload = start_function(
             "upload", "upload", upload_port, {**environment, "WORKERS": "1", "THREADS": "8"},
             files.logs / "upload.log",
+            tls=_certificate(files) if options.https else None,
         )
         self.children.append(upload)
         for child in self.children:
@@ -665,6 +684,7 @@ class LocalStack:
                       **{child.name: child.process.pid for child in self.children}},
             metrics={child.name: child.metrics_url for child in self.children
                      if child.metrics_url},
+            upload_ca=None if upload.ca_file is None else str(upload.ca_file),
         )
         _write_private(files.info, json.dumps(asdict(info), indent=2) + "\n")
         return info
@@ -765,6 +785,8 @@ def banner(info: StackInfo, files: StackFiles, options: Options,
         "HiSPARC datastore: local stack running (Ctrl-C stops it)",
         "",
         f"  upload URL      {info.upload_url}",
+        *([f"  certificate     {_relative(Path(info.upload_ca))}  (self-signed: clients "
+           "trust this file, e.g. curl --cacert)"] if info.upload_ca else []),
         *(f"  {(label if index == 0 else '').ljust(14)}  {text}"
           for index, text in enumerate(shown)),
         f"  writer          {info.writer_url}  ({notify} every {options.sleep:g} s)",
@@ -834,6 +856,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="no SeaweedFS webhook: only the periodic sweep feeds the writer",
     )
     parser.add_argument(
+        "--https", action="store_true",
+        help="serve the upload function over HTTPS with a self-signed certificate for "
+             "127.0.0.1 and localhost (kept in the state directory's tls/)",
+    )
+    parser.add_argument(
         "--stations", type=_count, default=DEFAULT_STATIONS, metavar="N",
         help="demo stations, each with its own number and password, for "
              "`datastore simulate --stations N` (default: %(default)s)",
@@ -849,6 +876,7 @@ def run(args: argparse.Namespace) -> int:
         writer_port=args.writer_port,
         webhook=args.webhook,
         stations=args.stations,
+        https=args.https,
     )
     stack = LocalStack(options)
 

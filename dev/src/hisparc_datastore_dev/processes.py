@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import ssl
 import subprocess
 import sys
 import threading
@@ -46,6 +47,8 @@ class Served:
     process: subprocess.Popen[bytes]
     log_path: Path
     metrics_url: str | None = None  # the launcher's metrics endpoint, when it has one
+    #: Served over HTTPS with this self-signed certificate, which clients trust.
+    ca_file: Path | None = None
 
     def alive(self) -> bool:
         return self.process.poll() is None
@@ -74,22 +77,26 @@ def spawn(command: Sequence[str], env: Mapping[str, str], log_path: Path,
 
 
 def start_function(source: Path | str, target: str, env: Mapping[str, str], log_path: Path,
-                   *, name: str | None = None, port: int = 0, cwd: Path | None = None
-                   ) -> Served:
+                   *, name: str | None = None, port: int = 0, cwd: Path | None = None,
+                   tls: tuple[Path, Path] | None = None) -> Served:
     """Serve ``target`` from ``source`` on loopback (``port`` 0: a free one); no waiting.
 
     Its metrics endpoint gets a free port too, unless ``env`` names one (``METRICS_PORT``;
     the launcher's default, 9464, would be taken by the second function on one machine).
+    ``tls`` (certificate, key) serves HTTPS.
     """
     port = port or free_port()
     env = dict(env)
+    if tls is not None:
+        env["TLS_CERT_FILE"], env["TLS_KEY_FILE"] = str(tls[0]), str(tls[1])
     env.setdefault("METRICS_HOST", LOOPBACK)
     env.setdefault("METRICS_PORT", str(free_port()))
     metrics_url = (f"http://{LOOPBACK}:{env['METRICS_PORT']}/metrics"
                    if env["METRICS_PORT"] != "0" else None)
     process = spawn(serve_command(source, target, LOOPBACK, port), env, log_path, cwd)
-    return Served(name or target, f"http://{LOOPBACK}:{port}/", port, process, log_path,
-                  metrics_url)
+    scheme = "http" if tls is None else "https"
+    return Served(name or target, f"{scheme}://{LOOPBACK}:{port}/", port, process, log_path,
+                  metrics_url, None if tls is None else tls[0])
 
 
 def wait_until_serving(served: Served, timeout: float = READY_TIMEOUT,
@@ -107,7 +114,10 @@ def wait_until_serving(served: Served, timeout: float = READY_TIMEOUT,
             raise ServeError(f"the {served.name} function exited with "
                              f"{served.process.returncode}; see {served.log_path}")
         try:
-            urllib.request.urlopen(served.url, timeout=5).close()  # noqa: S310 - our URL
+            context = (None if served.ca_file is None
+                       else ssl.create_default_context(cafile=str(served.ca_file)))
+            urllib.request.urlopen(served.url, timeout=5,  # noqa: S310 - our URL
+                                   context=context).close()
             return
         except urllib.error.HTTPError:
             return
@@ -120,9 +130,11 @@ def wait_until_serving(served: Served, timeout: float = READY_TIMEOUT,
 
 def serve_function(source: Path | str, target: str, env: Mapping[str, str], log_path: Path,
                    *, name: str | None = None, port: int = 0, cwd: Path | None = None,
-                   timeout: float = READY_TIMEOUT) -> Served:
+                   timeout: float = READY_TIMEOUT, tls: tuple[Path, Path] | None = None
+                   ) -> Served:
     """:func:`start_function` and :func:`wait_until_serving`; stopped again if it fails."""
-    served = start_function(source, target, env, log_path, name=name, port=port, cwd=cwd)
+    served = start_function(source, target, env, log_path, name=name, port=port, cwd=cwd,
+                            tls=tls)
     try:
         wait_until_serving(served, timeout)
     except BaseException:

@@ -223,17 +223,24 @@ def describe_answer(status: int, body: str) -> str:
     return f"HTTP {status}: {short}" if short else f"HTTP {status}"
 
 
-def post_once(session: Any, url: str, form: dict[str, str]) -> Attempt:
+def post_once(session: Any, url: str, form: dict[str, str],
+              ca_file: Path | None = None) -> Attempt:
+    """One POST.  ``ca_file``: trust this certificate (per request, since requests lets
+    ``REQUESTS_CA_BUNDLE`` override a session's own)."""
     import requests
 
     began = time.perf_counter()
+    extra = {} if ca_file is None else {"verify": str(ca_file)}
     try:
-        response = session.post(url, data=form, timeout=(CONNECT_TIMEOUT, READ_TIMEOUT))
+        response = session.post(url, data=form, timeout=(CONNECT_TIMEOUT, READ_TIMEOUT),
+                                **extra)
         body = response.text
         answer = describe_answer(response.status_code, body)
         accepted = body == ACCEPTED
     except requests.Timeout:
         answer, accepted = "timeout", False
+    except requests.exceptions.SSLError:
+        answer, accepted = "TLS error (server's certificate not trusted? --ca-cert)", False
     except requests.ConnectionError:
         answer, accepted = "connection error", False
     except requests.RequestException as exc:
@@ -475,6 +482,8 @@ class Plan:
     start: dt.datetime | None = None
     max_retries: int | None = None
     shower_rate: float = DEFAULT_SHOWER_RATE  # air showers per second on the cluster
+    #: For HTTPS with a certificate no system CA signed (the local stack's): trust this.
+    ca_file: Path | None = None
 
 
 def run_station(station: SimulatedStation, plan: Plan, summary: Summary,
@@ -505,7 +514,7 @@ def run_station(station: SimulatedStation, plan: Plan, summary: Summary,
                 return
             lag = max(0.0, time.monotonic() - due)
             delivery = deliver(
-                lambda form=form: post_once(session, plan.url, form),
+                lambda form=form: post_once(session, plan.url, form, plan.ca_file),
                 len(events),
                 stop.wait,
                 plan.max_retries,
@@ -576,6 +585,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "where to upload, as whom (default: the running `datastore local` and its stations)"
     )
     target.add_argument("--url", help="the upload URL")
+    target.add_argument("--ca-cert", type=Path, metavar="PEM",
+                        help="trust this certificate for an https --url (the local stack's "
+                             "own, of `datastore local --https`, is trusted without it)")
     target.add_argument("--station", type=int,
                         help="upload as this one station (with --password)")
     target.add_argument("--password", help="the --station's password")
@@ -664,6 +676,7 @@ def plan_from_args(args: argparse.Namespace) -> Plan:
                   for s in parse_station_list(text, str(args.station_list)).values()]
         source = str(args.station_list)
     url = args.url
+    ca_file = args.ca_cert
     needs_stack = url is None or (
         args.station_list is None and (args.station is None or args.password is None)
     )
@@ -672,7 +685,9 @@ def plan_from_args(args: argparse.Namespace) -> Plan:
         if info is None or not info.is_running():
             _refuse("no --url/--station/--password given and no local stack running in "
                     f"{args.state_dir} (start one with `datastore local`)")
-        url = url or info.upload_url
+        if url is None:
+            url = info.upload_url
+            ca_file = ca_file or (Path(info.upload_ca) if info.upload_ca else None)
         if args.station_list is None:
             positions = info.positions()
             listed = [SimulatedStation(s.number, s.password, s.cluster,
@@ -694,6 +709,7 @@ def plan_from_args(args: argparse.Namespace) -> Plan:
         start=args.start,
         max_retries=args.max_retries,
         shower_rate=args.shower_rate,
+        ca_file=ca_file,
     )
 
 
