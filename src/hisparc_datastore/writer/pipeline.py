@@ -58,9 +58,8 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
-from hisparc_datastore.config import Settings
 from hisparc_datastore.format.keys import INCOMING, archive_key, failed_key
 from hisparc_datastore.format.origin import (
     BadOrigin,
@@ -95,8 +94,24 @@ from hisparc_datastore.writer.retries import (
     Backoff,
     RetryBook,
     RetryRecord,
+    RetrySettings,
     day_name,
 )
+
+
+class WriterSettings(RetrySettings, Protocol):
+    """What the writer's core reads of the settings, and all it may: where the day files
+    are, the year rule, the station list and the retry policy.  The whole
+    :class:`~hisparc_datastore.config.Settings` (secrets included) stays at the edges,
+    which pass it as this."""
+
+    @property
+    def data_dir(self) -> Path: ...
+    @property
+    def minimum_year(self) -> int: ...
+    @property
+    def station_list(self) -> Path: ...
+
 
 log = logging.getLogger(__name__)
 
@@ -412,7 +427,7 @@ class _Run:
     def __init__(
         self,
         store: Store,
-        settings: Settings,
+        settings: WriterSettings,
         options: RunOptions,
         pool: Executor | None,
         book: RetryBook,
@@ -926,7 +941,7 @@ def _book(store: Store, book: RetryBook | None, options: RunOptions) -> RetryBoo
 def process_keys(
     keys: Iterable[str],
     bucket: Store,
-    settings: Settings,
+    settings: WriterSettings,
     *,
     retry: RetryPolicy = DEFAULT_RETRY,
     lock_timeout: float = LOCK_TIMEOUT,
@@ -982,7 +997,7 @@ def process_keys(
 
 def sweep(
     bucket: Store,
-    settings: Settings,
+    settings: WriterSettings,
     limit: int | None = None,
     *,
     retry: RetryPolicy = DEFAULT_RETRY,

@@ -33,7 +33,6 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
 from typing import Literal, Protocol
 
-from hisparc_datastore.config import Settings
 from hisparc_datastore.format.keys import DEFERRED
 from hisparc_datastore.storage.store import BucketError, ObjectInfo, ObjectMissing, StoredObject
 
@@ -54,6 +53,18 @@ class RecordStore(Protocol):
     def list(self, prefix: str) -> Iterator[ObjectInfo]: ...
 
 
+class RetrySettings(Protocol):
+    """The ``[Writer] retry_*`` settings (:class:`~hisparc_datastore.config.Settings` has
+    them): how long an object or day file waits between tries, and how many it gets."""
+
+    @property
+    def retry_delay(self) -> float: ...
+    @property
+    def retry_max_delay(self) -> float: ...
+    @property
+    def retry_attempts(self) -> int: ...
+
+
 @dataclass(frozen=True)
 class Backoff:
     """Pauses between attempts after failures: ``first`` doubling up to ``longest``.
@@ -69,7 +80,7 @@ class Backoff:
     attempts: int = 12
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> Backoff:
+    def from_settings(cls, settings: RetrySettings) -> Backoff:
         return cls(first=settings.retry_delay, longest=settings.retry_max_delay,
                    attempts=settings.retry_attempts)
 

@@ -30,13 +30,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hisparc_datastore import metrics
-from hisparc_datastore.config import Settings
 from hisparc_datastore.format.keys import FAILED
 from hisparc_datastore.storage.dayfile import day_file_path, held_open
 from hisparc_datastore.storage.store import Bucket, BucketError
 from hisparc_datastore.writer.pipeline import (
     Deferral,
     WriteResult,
+    WriterSettings,
     process_keys,
     short_reason,
     sweep,
@@ -166,7 +166,7 @@ class WriterService:
 
     def __init__(
         self,
-        settings: Settings,
+        settings: WriterSettings,
         bucket: Callable[[], Bucket],
         *,
         backoff: Backoff | None = None,
