@@ -10,6 +10,8 @@ runs here as a subprocess writing its figures as JSON:
 - bench/writer.py: full path and HDF5 part against the limit, sweep objects/s;
 - bench/writer_reference.py: the writer function on notifications against the reference
   writer on its queue files (events/s, ratio);
+- bench/replay.py: ``datastore replay`` with 1 and 2 jobs over a multi-day archive, and
+  its peak memory (the figures that size a cluster run);
 - bench/e2e.py: ``100`` to rows readable with PyTables at 100 stations;
 - bench/memory.py: writer peak RSS against the largest decoded batch.
 
@@ -210,6 +212,19 @@ def e2e_rows(figures: dict[str, Any]) -> list[Row]:
     ]
 
 
+def replay_rows(figures: dict[str, Any]) -> list[Row]:
+    return [
+        # The figure for one process before this work: about 5,500 events/s.
+        Row("replay, 1 job: events/s (before: ~5,500)", figures["events_per_second_1_job"],
+            "/s", 5500),
+        Row("replay, 2 jobs / 1 job: events/s", figures["speedup_2_jobs"], "x",
+            figures["target_speedup"]),
+        # The replay Job's pods request 1 GiB (infra/knative/replay/replay-job.yaml).
+        Row("replay, 1 job: peak memory (MB)", figures["main_peak_mb"], "MB", 1024,
+            at_least=False),
+    ]
+
+
 def memory_rows(figures: list[dict[str, Any]]) -> list[Row]:
     return [Row(f"writer memory growth / batch: {item['scenario']}",
                 item["growth_per_chunk"], "x", 4.0, at_least=False) for item in figures]
@@ -220,7 +235,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="smaller runs of everything")
     parser.add_argument("--cold-starts", type=int, default=5)
     parser.add_argument("--only", nargs="*", default=None,
-                        choices=["upload", "cold", "writer", "reference", "e2e", "memory"])
+                        choices=["upload", "cold", "writer", "reference", "replay", "e2e",
+                                 "memory"])
     args = parser.parse_args(argv)
     quick = ["--quick"] if args.quick else []
 
@@ -243,6 +259,10 @@ def main(argv: list[str] | None = None) -> int:
         figures, _, load = run_script("writer_reference.py", *quick)
         return reference_rows(figures), figures, load
 
+    def replay() -> tuple[list[Row], Any, dict[str, float]]:
+        figures, _, load = run_script("replay.py", *quick)
+        return replay_rows(figures), figures, load
+
     def e2e() -> tuple[list[Row], Any, dict[str, float]]:
         figures, _, load = run_script("e2e.py", *(["--duration", "10"] if args.quick else []))
         return e2e_rows(figures), figures, load
@@ -252,8 +272,8 @@ def main(argv: list[str] | None = None) -> int:
         return memory_rows(figures), figures, load
 
     parts: dict[str, Callable[[], tuple[list[Row], Any, dict[str, float]]]] = {
-        "upload": upload, "cold": cold, "writer": writer, "reference": reference, "e2e": e2e,
-        "memory": memory}
+        "upload": upload, "cold": cold, "writer": writer, "reference": reference,
+        "replay": replay, "e2e": e2e, "memory": memory}
     started = dt.datetime.now(dt.UTC)
     rows: list[tuple[str, Row]] = []
     record: dict[str, Any] = {"started": started.isoformat(), "cpus": os.cpu_count(),
