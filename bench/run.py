@@ -5,6 +5,8 @@ runs here as a subprocess writing its figures as JSON:
 
 - bench/upload.py: ours against the reference-style WSGI baseline, same gunicorn set-up,
   same client, same run (1-, 100- and 1000-event batches);
+- bench/upload_cpu.py: CPU per 1-event upload of ours, the reference (2 sync workers) and
+  an empty function under our launcher (the floor), and of the S3 server;
 - cold start: process start to the first ``100`` of the upload function, the median of
   ``--cold-starts`` starts (one start is at the mercy of the page cache and the load);
 - bench/writer.py: full path and HDF5 part against the limit, sweep objects/s;
@@ -140,6 +142,13 @@ def upload_rows(figures: dict[str, Any]) -> list[Row]:
     return rows
 
 
+def upload_cpu_rows(figures: dict[str, Any]) -> list[Row]:
+    medians = figures["medians_ms"]
+    return [Row(f"upload 1 event: server CPU ms/upload (reference {medians['reference']:.2f}, "
+                f"floor {medians['floor']:.2f}, S3 server {medians['s3']:.2f})",
+                medians["ours"], "ms", figures["target_ms"], at_least=False)]
+
+
 def cpu_budget(figures: dict[str, Any]) -> list[str]:
     """Lines on CPU per upload: what bounds uploads/s on 2 shared cores, load or not."""
     lines = []
@@ -244,6 +253,10 @@ def main(argv: list[str] | None = None) -> int:
         figures, _, load = run_script("upload.py", "--scale", "0.3" if args.quick else "1")
         return upload_rows(figures), figures, load
 
+    def upload_cpu() -> tuple[list[Row], Any, dict[str, float]]:
+        figures, _, load = run_script("upload_cpu.py", *quick)
+        return upload_cpu_rows(figures), figures, load
+
     def cold() -> tuple[list[Row], Any, dict[str, float]]:
         before = os.getloadavg()[0]
         times = cold_starts(2 if args.quick else args.cold_starts)
@@ -272,8 +285,8 @@ def main(argv: list[str] | None = None) -> int:
         return memory_rows(figures), figures, load
 
     parts: dict[str, Callable[[], tuple[list[Row], Any, dict[str, float]]]] = {
-        "upload": upload, "cold": cold, "writer": writer, "reference": reference,
-        "replay": replay, "e2e": e2e, "memory": memory}
+        "upload": upload, "upload-cpu": upload_cpu, "cold": cold, "writer": writer,
+        "reference": reference, "replay": replay, "e2e": e2e, "memory": memory}
     started = dt.datetime.now(dt.UTC)
     rows: list[tuple[str, Row]] = []
     record: dict[str, Any] = {"started": started.isoformat(), "cpus": os.cpu_count(),
