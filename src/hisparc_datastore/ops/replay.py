@@ -515,10 +515,13 @@ def _replay_blocks(settings: Settings, blocks: Sequence[tuple[dt.date, dt.date]]
                    late_days: int, include_incoming: bool, bar: Progress) -> ReplayReport:
     """A worker process per block of days, each with its own S3 client and day files.
 
-    Started fresh (``spawn``): this process has S3 clients and threads, which a forked
-    child must not inherit.  Their progress comes back through a queue.
+    Not forked from this process, which has S3 clients and threads a child must not
+    inherit: forked from a fork server, a fresh process that imports this module once
+    (numpy, h5py, the S3 client), so that each worker does not pay for the imports again.
+    Their progress comes back through a queue.
     """
-    context = multiprocessing.get_context("spawn")
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload([__name__])
     updates = context.Queue()
     report = ReplayReport()
     with ProcessPoolExecutor(len(blocks), mp_context=context, initializer=_block_worker_init,
