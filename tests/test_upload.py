@@ -23,6 +23,8 @@ from conftest import TEST_STATIONS
 from hisparc_datastore_dev import samples
 from hisparc_datastore_dev.py2pickle import Py2Unicode, dumps_py2
 from hostile_pickles import HOSTILE, MARKER
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from hisparc_datastore.config import Settings
 from hisparc_datastore.format import payload
@@ -413,3 +415,47 @@ def test_cluster_metadata_is_ascii_and_reversible() -> None:
     assert meta["cluster"].isascii()
     assert urllib.parse.unquote(meta["cluster"]) == "Z\u00fcrich 100%"
     assert meta["events"] == "3"
+
+
+_ESCAPE_LIKE = st.sampled_from([
+    b"%41", b"%e9", b"%E9", b"%00", b"%5C", b"%5c", b"%25", b"%2B", b"+", b"a", b"\\",
+    b"\\x41", b"\\\\", b"\\n", b"\\0", b"\\'", b"\\\n", b"\\%41", b"x\\", b"\xff", b"\n"])
+
+
+@settings(max_examples=300, deadline=None, derandomize=True, database=None)
+@given(pieces=st.lists(_ESCAPE_LIKE, min_size=1, max_size=40), repeat=st.integers(1, 600),
+       tail=st.sampled_from([b"", b"%", b"%4", b"\\", b"%zz", b"%41"]))
+def test_percent_decoding_in_c_equals_the_standard_library(
+    pieces: list[bytes], repeat: int, tail: bytes
+) -> None:
+    """Large values go through the C escape decoder (backslashes, which it would read as
+    escapes, doubled first; ``%`` turned into its hex escape), or, when a ``%`` starts no
+    valid escape, through the vector path: both give unquote_to_bytes's bytes."""
+    value = b"".join(pieces) * repeat + tail
+    expected = urllib.parse.unquote_to_bytes(value)
+    assert core.percent_decode(value) == expected
+    assert core._percent_decode_vector(value) == expected
+
+
+def test_a_valid_large_value_takes_the_c_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refused(value: bytes) -> bytes:
+        raise AssertionError("the vector path")
+
+    monkeypatch.setattr(core, "_percent_decode_vector", refused)
+    value = urllib.parse.quote_from_bytes(bytes(range(256)) * 40).encode() + b"\\x41\\"
+    assert len(value) >= core._VECTOR_MINIMUM
+    assert core.percent_decode(value) == urllib.parse.unquote_to_bytes(value)
+    with pytest.raises(AssertionError, match="vector"):
+        core.percent_decode(value + b"%zz")  # an invalid escape: the vector path
+
+
+def test_the_cluster_metadata_of_a_station_is_worked_out_once() -> None:
+    from hisparc_datastore.stations import Station
+
+    core._metadata_text.cache_clear()
+    for _ in range(3):
+        meta = core.metadata_for(Station(2, "Caf\u00e9 de 100%", "pw"), 1, NOW)
+    assert urllib.parse.unquote(meta["cluster"]) == "Caf\u00e9 de 100%"
+    info = core._metadata_text.cache_info()
+    assert (info.misses, info.hits) == (1, 2)
+

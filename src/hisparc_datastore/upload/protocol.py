@@ -30,8 +30,10 @@ Decisions beyond the answer table (docs/FORMAT.md, section 1.4):
 
 from __future__ import annotations
 
+import codecs
 import datetime as dt
 import email.message
+import functools
 import hashlib
 import hmac
 import re
@@ -138,15 +140,27 @@ _VECTOR_MINIMUM = 4096
 
 
 def percent_decode(value: bytes) -> bytes:
-    """``urllib.parse.unquote_to_bytes``, vectorised for the large ``data`` field.
+    """``urllib.parse.unquote_to_bytes``, in C for the large ``data`` field.
 
     The pure-Python loop of the standard library costs about 30 ms per MB of pickle,
-    more than decoding the pickle itself; with numpy it is a few array passes.  An
-    invalid escape (``%`` not followed by two hex digits) is kept as it is, as the
-    standard library keeps it, so the result is always exactly what it would give.
+    more than decoding the pickle itself.  A value whose every ``%`` starts a valid escape
+    (what every form encoder sends) is decoded by the C escape decoder: each ``%`` becomes
+    ``\\x`` and each backslash is doubled first, so nothing else in the value is an
+    escape; about 2.5x faster than the vector path for a one-event batch.  An invalid
+    escape (``%`` not followed by two hex digits) makes that decoder fail, and the value
+    takes the vector path, which keeps it as it is, as the standard library does; so the
+    result is always exactly what the standard library would give.
     """
     if len(value) < _VECTOR_MINIMUM:
         return urllib.parse.unquote_to_bytes(value)
+    try:
+        return codecs.escape_decode(value.replace(b"\\", b"\\\\").replace(b"%", b"\\x"))[0]
+    except ValueError:  # an invalid escape somewhere
+        return _percent_decode_vector(value)
+
+
+def _percent_decode_vector(value: bytes) -> bytes:
+    """:func:`percent_decode` with numpy: a few array passes, invalid escapes kept."""
     raw = np.frombuffer(value, dtype=np.uint8)
     at = np.flatnonzero(raw == ord("%"))
     at = at[at + 2 < raw.size]
@@ -311,6 +325,12 @@ def password_matches(given: bytes, station: Station) -> bool:
     return matched
 
 
+@functools.lru_cache(maxsize=4096)
+def _metadata_text(value: str) -> str:
+    """``value`` as S3 metadata carries it: ASCII, ``%`` and the rest percent-encoded."""
+    return urllib.parse.quote(value, safe=_METADATA_SAFE)
+
+
 def metadata_for(
     station: Station,
     events: int,
@@ -324,7 +344,7 @@ def metadata_for(
     """
     metadata = {
         "station": str(station.number),
-        "cluster": urllib.parse.quote(station.cluster, safe=_METADATA_SAFE),
+        "cluster": _metadata_text(station.cluster),
         "events": str(events),
         "received": received.astimezone(dt.UTC).isoformat(timespec="microseconds"),
     }
