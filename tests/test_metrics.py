@@ -161,3 +161,16 @@ def test_every_metric_the_rules_and_dashboard_use_is_served(
             used |= set(re.findall(r"\bdatastore_[a-z_]+", path.read_text()))
     missing = sorted(name for name in used if name not in served)
     assert not missing, f"used by infra/monitoring/ but not served: {missing}"
+
+
+def test_a_labelled_child_is_the_metrics_own_and_made_once() -> None:
+    """The upload's hot path takes its answer code's and station's children from
+    ``metrics.child``: the very children ``labels()`` gives, looked up once."""
+    from hisparc_datastore import metrics
+
+    child = metrics.child(metrics.UPLOADS, "999")
+    assert child is metrics.UPLOADS.labels("999")
+    assert metrics.child(metrics.UPLOADS, "999") is child
+    assert metrics.child(metrics.STATION_LAST_UPLOAD, "999") is not child
+    assert metrics.child(metrics.STATION_LAST_UPLOAD, "999") is (
+        metrics.STATION_LAST_UPLOAD.labels("999"))

@@ -459,3 +459,17 @@ def test_the_cluster_metadata_of_a_station_is_worked_out_once() -> None:
     info = core._metadata_text.cache_info()
     assert (info.misses, info.hits) == (1, 2)
 
+
+def test_the_text_log_format_is_loggings_with_each_second_formatted_once() -> None:
+    import logging
+
+    from hisparc_datastore.logs import FORMAT, TextFormatter
+
+    cached, plain = TextFormatter(FORMAT), logging.Formatter(FORMAT)
+    record = logging.LogRecord("hisparc_datastore.upload.protocol", logging.INFO, __file__, 1,
+                               "upload station=501 code=100", (), None)
+    for created in (1_700_000_000.0, 1_700_000_000.25, 1_700_000_000.999, 1_700_000_001.0,
+                    1_700_000_000.5, 1_700_003_600.123):
+        record.created, record.msecs = created, (created - int(created)) * 1000
+        assert cached.format(record) == plain.format(record)
+    assert cached.formatTime(record, "%H") == plain.formatTime(record, "%H")

@@ -14,10 +14,31 @@ import datetime as dt
 import json
 import logging
 import sys
+import time
 
 from hisparc_datastore.config import Settings
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+class TextFormatter(logging.Formatter):
+    """:data:`FORMAT`'s lines, with each second's date and time formatted once.
+
+    ``logging.Formatter`` converts and formats the time of every record; a busy upload
+    function logs a line per request, many within one second.  The text is the same.
+    """
+
+    _second: tuple[int, str] = (-1, "")
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        if datefmt:
+            return super().formatTime(record, datefmt)
+        whole = int(record.created)
+        second, text = self._second
+        if second != whole:
+            text = time.strftime(self.default_time_format, self.converter(record.created))
+            self._second = (whole, text)
+        return self.default_msec_format % (text, record.msecs)
 
 
 class JsonFormatter(logging.Formatter):
@@ -56,7 +77,7 @@ def setup_logging(settings: Settings) -> None:
     else:
         handler = logging.StreamHandler(sys.stderr)
     json_lines = settings.log_format == "json"
-    handler.setFormatter(JsonFormatter() if json_lines else logging.Formatter(FORMAT))
+    handler.setFormatter(JsonFormatter() if json_lines else TextFormatter(FORMAT))
     handler._datastore = True  # type: ignore[attr-defined]
     logger.addHandler(handler)
     logger.propagate = False

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import os
 import shutil
+import threading
 from pathlib import Path
+from typing import Any
 
 from prometheus_client import (
     CollectorRegistry,
@@ -86,6 +88,26 @@ VOLUME_FREE = Gauge(
 VOLUME_SIZE = Gauge(
     "datastore_data_volume_size_bytes", "Size of the day files' volume",
     multiprocess_mode="mostrecent")
+
+
+_children: dict[tuple[int, str], Any] = {}
+_children_lock = threading.Lock()
+
+
+def child(metric: Any, value: str) -> Any:
+    """``metric.labels(value)``: the same child, remembered, without its checks each time.
+
+    For one-label metrics on a hot path (the upload's answer code and station).  The
+    children are the metric's own, so a fork (gunicorn's workers) is handled as before.
+    """
+    key = (id(metric), value)
+    found = _children.get(key)
+    if found is None:
+        with _children_lock:
+            found = _children.get(key)
+            if found is None:
+                found = _children[key] = metric.labels(value)
+    return found
 
 
 def observe_volume(data_dir: Path) -> None:
