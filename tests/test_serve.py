@@ -20,8 +20,11 @@ import os
 import signal
 import socket
 import subprocess
+import sys
+import textwrap
 import threading
 import time
+import types
 import urllib.parse
 import uuid
 from collections.abc import Iterator
@@ -31,6 +34,8 @@ from pathlib import Path
 import pytest
 import requests
 from conftest import S3Endpoint
+from gunicorn.http.body import Body, LengthReader
+from gunicorn.workers.gthread import ThreadWorker
 from hisparc_datastore_dev.processes import Served, serve_function
 from hisparc_datastore_dev.py2pickle import dumps_py2
 from test_upload_http import (
@@ -393,3 +398,85 @@ def test_sigterm_to_the_server_alone_stops_it_gracefully(
     finally:
         served.stop()
     assert "Traceback" not in served.log()
+
+
+# --- per-request work of the worker and the app it serves ----------------------------------
+
+
+def test_a_function_with_its_own_wsgi_app_is_served_through_it(tmp_path: Path) -> None:
+    """functions-framework wraps the function for its Flask view with functools.wraps, which
+    carries ``wsgi_app`` over; a function without one is served through Flask."""
+    import functions_framework
+
+    source = tmp_path / f"function_{uuid.uuid4().hex}.py"  # not "main": other tests' module
+    source.write_text(textwrap.dedent('''
+        import functions_framework
+
+        def direct(environ, start_response):
+            start_response("200 OK", [("Content-Type", "text/plain")])
+            return [b"direct"]
+
+        @functions_framework.http
+        def own(request):
+            return "flask"
+
+        own.wsgi_app = direct
+
+        @functions_framework.http
+        def plain(request):
+            return "flask"
+        '''))
+    own = functions_framework.create_app("own", str(source))
+    assert serve.function_app(own) is sys.modules[source.stem].direct
+    plain = functions_framework.create_app("plain", str(source))
+    assert serve.function_app(plain) is plain
+    assert serve.function_app(object()) is not None  # anything else: served as it is
+
+
+def test_the_heartbeat_is_touched_at_most_every_half_second(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """gunicorn touches it on every turn of the worker's loop, about twice per request."""
+    touched: list[float] = []
+    worker = serve.worker_class(30.0).__new__(serve.worker_class(30.0))
+    worker.tmp = types.SimpleNamespace(notify=lambda: touched.append(clock[0]))
+    clock = [1000.0]
+    monkeypatch.setattr(serve.time, "monotonic", lambda: clock[0])
+    for step in (0.0, 0.1, 0.2, 0.49, 0.5, 0.6, 1.2, 1.2):
+        clock[0] = 1000.0 + step
+        worker.notify()
+    assert touched == [1000.0, 1000.5, 1001.2]
+    assert serve.HEARTBEAT_SECONDS < 1, "gunicorn's worker timeout is whole seconds"
+
+
+def _message(reader: object) -> types.SimpleNamespace:
+    body = Body(reader)
+    return types.SimpleNamespace(parser=types.SimpleNamespace(
+        mesg=types.SimpleNamespace(body=body)))
+
+
+def test_a_body_read_to_its_end_is_not_drained_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    """gunicorn's drain before a kept-alive connection is parked sets the socket's timeout
+    twice even with nothing left; a body of known length read to its end skips it."""
+    drained: list[object] = []
+
+    def drain(self: object, conn: object, keepalive: bool) -> bool:
+        drained.append(conn)
+        return keepalive
+
+    monkeypatch.setattr(ThreadWorker, "_keepalive_after", drain, raising=False)
+    worker = serve.IdleTimeoutWorker.__new__(serve.IdleTimeoutWorker)
+    unreader = types.SimpleNamespace()
+    done = _message(LengthReader(unreader, 0))
+    assert worker._keepalive_after(done, True) is True
+    assert drained == []
+    assert worker._keepalive_after(done, False) is False  # closing: gunicorn decides
+    left = _message(LengthReader(unreader, 10))
+    failed = _message(LengthReader(unreader, 0))
+    failed.parser.mesg.body.failed = True
+    buffered = _message(LengthReader(unreader, 0))
+    buffered.parser.mesg.body.buf.write(b"next")
+    chunked = _message(types.SimpleNamespace())
+    for conn in (left, failed, buffered, chunked):
+        assert worker._keepalive_after(conn, True) is True
+    assert drained == [done, left, failed, buffered, chunked]

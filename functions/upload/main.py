@@ -4,6 +4,19 @@ A thin shell around :func:`hisparc_datastore.upload.handle_upload`: it reads the
 within ``[Upload] max_body_bytes``, calls the core, and turns the answer into the
 protocol's ``text/plain`` response with one log line.  Decisions made here:
 
+- The shell works on the request's WSGI environ (:func:`serve_request`), and comes in two
+  wrappers that answer byte for byte alike: :func:`upload`, the functions-framework
+  function (``functions-framework --target upload``, for development), and
+  :func:`application`, a plain WSGI application, which the image's launcher
+  (:mod:`hisparc_datastore.serve`) serves instead of functions-framework's Flask app
+  because ``upload.wsgi_app`` names it.  Flask's dispatch (request and app contexts,
+  routing, hooks, response conversion) cost more per request than everything the function
+  does for a one-event batch but its decoding (docs/PERFORMANCE.md, "The single-event
+  upload"); the WSGI application does what of it the upload needs: the body through
+  werkzeug's own input stream, ``Content-Type`` and ``Content-Length`` headers, no body
+  for ``HEAD``, and functions-framework's ``404`` for ``/robots.txt`` and
+  ``/favicon.ico``.
+
 - Configuration is loaded when the module is imported, which functions-framework does
   before it starts serving: a bad or missing key stops the process with a message naming
   the key, instead of a function that answers every station with an error.
@@ -14,16 +27,18 @@ protocol's ``text/plain`` response with one log line.  Decisions made here:
   they would then resend for ever.
 - A body whose Content-Length is over the limit is refused before any of it is read,
   with HTTP 413 and the body ``400`` (stations read only the body; ``400`` is the spec's
-  "body unreadable").  The response is streamed so functions-framework's after-request
-  hook does not read the body after all; gunicorn drains or closes the connection.
-  Bodies without a length (chunked) are read up to the limit plus one byte.
+  "body unreadable").  The response is streamed (no Content-Length) so
+  functions-framework's after-request hook does not read the body after all; gunicorn
+  drains or closes the connection.  Bodies without a length (chunked) are read up to the
+  limit plus one byte.
 - GET and HEAD answer a one-line description (a cheap liveness probe that touches no
   bucket); other methods are answered ``400`` with HTTP 405.  Only a POST body is ever
   read: every other answer is streamed, so no body is read behind the limit's back.
 - An unexpected exception is logged as one error line (its traceback only at debug
   level) and answered ``205`` ("transaction failed" in the reference's list) with HTTP
   503: never a 500 page or a traceback to the client, and like every non-``100`` answer
-  it makes the station resend the batch later.
+  it makes the station resend the batch later.  That holds for the counting and logging
+  after the answer too.
 - The bucket (:class:`~hisparc_datastore.storage.store.Bucket`, on obstore) is made at
   import; each worker process opens its own client on its first request.  Its timeouts
   are short (``BUCKET_OPTIONS``), so a slow bucket is answered ``404`` with HTTP 503 in
@@ -32,12 +47,18 @@ protocol's ``text/plain`` response with one log line.  Decisions made here:
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import logging
 import time
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import flask
 import functions_framework
+from werkzeug.exceptions import NotFound
+from werkzeug.http import HTTP_STATUS_CODES
+from werkzeug.wsgi import get_content_length, get_input_stream
 
 from hisparc_datastore import metrics
 from hisparc_datastore.config import ConfigError, Settings, load_settings
@@ -54,6 +75,11 @@ DESCRIPTION = (
     "as a form.\n"
 )
 READ_CHUNK = 1 << 20
+MIMETYPE = "text/plain"
+#: What ``flask.Response(..., mimetype=MIMETYPE)`` sends.
+CONTENT_TYPE = "text/plain; charset=utf-8"
+#: Paths functions-framework answers 404 itself, before the function.
+NOT_ROUTED = frozenset({"/robots.txt", "/favicon.ico"})
 
 # The bucket client must give up well within the stations' patience (PySPARC waits 10 s):
 # a put that cannot finish in time is answered 404 and resent by the station.  One retry
@@ -96,14 +122,8 @@ SETTINGS, STATIONS = _load()
 STORE = _store(SETTINGS)
 
 
-def _response(body: str, status: int, streamed: bool = False) -> flask.Response:
-    content = iter([body.encode("ascii")]) if streamed else body
-    return flask.Response(content, status=status, mimetype="text/plain")
-
-
-def _read_body(request: flask.Request, limit: int) -> bytes | None:
+def _read_body(stream: Any, limit: int) -> bytes | None:
     """The whole body, or None once it grows past ``limit`` (the rest stays unread)."""
-    stream = request.stream
     chunks: list[bytes] = []
     size = 0
     while True:
@@ -116,14 +136,17 @@ def _read_body(request: flask.Request, limit: int) -> bytes | None:
             return None
 
 
-def _answer(request: flask.Request) -> tuple[core.UploadAnswer, bool]:
-    """The core's answer, and whether the body was left unread."""
+def _answer(environ: dict[str, Any], stream: Callable[[], Any] | None
+            ) -> tuple[core.UploadAnswer, bool]:
+    """The core's answer to a POST, and whether the body was left unread."""
     limit = SETTINGS.max_body_bytes
-    length = request.content_length
+    length = get_content_length(environ)  # as flask.Request.content_length reads it
     if length is not None and length > limit:
         return core.too_large(length, limit), True
     try:
-        body = _read_body(request, limit)
+        # flask.Request.stream: the server's own stream when it ends the body itself
+        # (gunicorn does, chunked bodies too), else one limited to Content-Length.
+        body = _read_body(stream() if stream else get_input_stream(environ), limit)
     except Exception as exc:  # client went away, bad chunking: the body is unreadable
         return core.UploadAnswer(
             code=core.BAD_REQUEST, reason=f"body unreadable: {type(exc).__name__}"
@@ -132,7 +155,7 @@ def _answer(request: flask.Request) -> tuple[core.UploadAnswer, bool]:
         return core.too_large(None, limit), True
     answer = core.handle_upload(
         body,
-        request.headers.get("Content-Type", ""),
+        environ.get("CONTENT_TYPE", ""),
         STATIONS,
         STORE,
         SETTINGS.minimum_year,
@@ -141,40 +164,102 @@ def _answer(request: flask.Request) -> tuple[core.UploadAnswer, bool]:
     return answer, False
 
 
+def serve_request(environ: dict[str, Any], stream: Callable[[], Any] | None = None
+                  ) -> tuple[str, int, bool]:
+    """One request's answer: the body text, the HTTP status, and whether to stream it.
+
+    Streamed answers (no Content-Length) are those that leave the request body unread.
+    ``stream`` gives the body's stream when something else reads it too (Flask's
+    ``request.stream``, which functions-framework reads again after the function); by
+    default it is werkzeug's over the environ, as Flask's would be.
+    """
+    method = environ.get("REQUEST_METHOD", "")
+    if method in ("GET", "HEAD"):
+        return DESCRIPTION, 200, True  # a GET body is never read
+    started = time.perf_counter()
+    try:
+        if method != "POST":
+            answer, unread = core.UploadAnswer(
+                code=core.BAD_REQUEST, http_status=405, reason=f"method {method}"
+            ), True
+        else:
+            answer, unread = _answer(environ, stream)
+    except Exception as exc:  # a defect of ours: one error line; the trace at debug only
+        log.error("upload failed unexpectedly (answered %s): %s: %s",
+                  core.TRANSACTION_FAILED, type(exc).__name__, exc)
+        log.debug("upload failure detail", exc_info=True)
+        answer, unread = core.UploadAnswer(
+            code=core.TRANSACTION_FAILED, http_status=503, reason="internal error"
+        ), True
+    seconds = time.perf_counter() - started
+    _count(answer, seconds)
+    _log(answer, seconds * 1000)
+    return answer.code, answer.http_status, unread
+
+
+def _log(answer: core.UploadAnswer, milliseconds: float) -> None:
+    """The request's one log line, as ``log.log(level, line, extra={"fields": ...})``
+    would make it, without looking up the caller's file and line (no format uses them)."""
+    level = logging.INFO if answer.http_status < 500 else logging.WARNING
+    if log.isEnabledFor(level):
+        log.handle(log.makeRecord(
+            log.name, level, __file__, 0, core.log_line(answer, milliseconds), (), None,
+            "serve_request", {"fields": core.log_fields(answer, milliseconds)}))
+
+
+def _served(environ: dict[str, Any], stream: Callable[[], Any] | None = None
+            ) -> tuple[str, int, bool]:
+    """:func:`serve_request`, with ``205``/HTTP 503 should counting or logging fail."""
+    try:
+        return serve_request(environ, stream)
+    except Exception as exc:
+        with contextlib.suppress(Exception):
+            log.error("upload failed after its answer (answered %s): %s: %s",
+                      core.TRANSACTION_FAILED, type(exc).__name__, exc)
+        return core.TRANSACTION_FAILED, 503, True
+
+
+#: Status lines as werkzeug writes them, for every status the function answers.
+_STATUS_LINES = {status: f"{status} {HTTP_STATUS_CODES[status].upper()}"
+                 for status in (200, 405, 413, 503)}
+
+
+def application(
+    environ: dict[str, Any], start_response: Callable[[str, list[tuple[str, str]]], Any]
+) -> Iterable[bytes]:
+    """The upload function as a plain WSGI application: what the image's launcher serves.
+
+    It answers what :func:`upload` answers under functions-framework, byte for byte.
+    """
+    if environ.get("PATH_INFO") in NOT_ROUTED:
+        return NotFound(description="Not Found")(environ, start_response)
+    text, status, streamed = _served(environ)
+    body = text.encode("ascii")
+    headers = [("Content-Type", CONTENT_TYPE)]
+    if not streamed:
+        headers.append(("Content-Length", str(len(body))))
+    start_response(_STATUS_LINES[status], headers)
+    return () if environ.get("REQUEST_METHOD") == "HEAD" else (body,)
+
+
 @functions_framework.http
 def upload(request: flask.Request) -> flask.Response:
     """Answer a station's POST with one protocol code as text/plain."""
-    if request.method in ("GET", "HEAD"):
-        return _response(DESCRIPTION, 200, streamed=True)  # a GET body is never read
-    started = time.perf_counter()
-    if request.method != "POST":
-        answer, unread = core.UploadAnswer(
-            code=core.BAD_REQUEST, http_status=405, reason=f"method {request.method}"
-        ), True
-    else:
-        try:
-            answer, unread = _answer(request)
-        except Exception as exc:  # a defect of ours: one error line; the trace at debug only
-            log.error("upload failed unexpectedly (answered %s): %s: %s",
-                      core.TRANSACTION_FAILED, type(exc).__name__, exc)
-            log.debug("upload failure detail", exc_info=True)
-            answer, unread = core.UploadAnswer(
-                code=core.TRANSACTION_FAILED, http_status=503, reason="internal error"
-            ), True
-    seconds = time.perf_counter() - started
-    _count(answer, seconds)
-    level = logging.INFO if answer.http_status < 500 else logging.WARNING
-    log.log(level, "%s", core.log_line(answer, seconds * 1000),
-            extra={"fields": core.log_fields(answer, seconds * 1000)})
-    return _response(answer.code, answer.http_status, streamed=unread)
+    text, status, streamed = _served(request.environ, lambda: request.stream)
+    content = iter([text.encode("ascii")]) if streamed else text
+    return flask.Response(content, status=status, mimetype=MIMETYPE)
+
+
+#: The launcher serves this instead of functions-framework's Flask app (the docstring).
+upload.wsgi_app = application  # type: ignore[attr-defined]
 
 
 def _count(answer: core.UploadAnswer, seconds: float) -> None:
     """The upload's metrics (hisparc_datastore.metrics): answers, sizes, latency, stations."""
-    metrics.UPLOADS.labels(answer.code).inc()
+    metrics.child(metrics.UPLOADS, answer.code).inc()
     metrics.UPLOAD_SECONDS.observe(seconds)
     metrics.UPLOAD_BYTES.observe(answer.nbytes)
     if answer.code == core.STORED:
         metrics.UPLOAD_EVENTS.observe(answer.events)
-        if answer.station is not None:
-            metrics.STATION_LAST_UPLOAD.labels(str(answer.station)).set(time.time())
+        if answer.station is not None:  # a listed station's: their number is bounded
+            metrics.child(metrics.STATION_LAST_UPLOAD, str(answer.station)).set(time.time())

@@ -4,7 +4,11 @@
 builds the WSGI app with functions-framework's own ``create_app`` (so the function stays
 a plain ``@functions_framework.http`` function and ``functions-framework --target upload``
 keeps working for development) and serves it with gunicorn, like functions-framework's
-CLI does, but with our options instead of its fixed ones (docs/SECURITY.md R2, R4, R5):
+CLI does, but with our options instead of its fixed ones (docs/SECURITY.md R2, R4, R5).
+A function that carries a plain WSGI application of its own as ``wsgi_app`` (the upload
+function does) is served through that instead of functions-framework's Flask app, which
+would cost more per request than a one-event upload's own work
+(:func:`function_app`; docs/PERFORMANCE.md, "The single-event upload"):
 
 - ``limit_request_line`` is gunicorn's 4094 instead of 0 (no limit): parsing a long
   request line costs time that grows about quadratically with its length (8 MiB took
@@ -84,6 +88,7 @@ import functions_framework
 import gunicorn.app.base
 from gunicorn import util
 from gunicorn.glogging import Logger
+from gunicorn.http.body import LengthReader
 from gunicorn.workers.gthread import TConn, ThreadWorker
 
 IDLE_TIMEOUT_ENV = "IDLE_TIMEOUT_SECONDS"
@@ -106,6 +111,11 @@ MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 #: At most this much already-received request data is drained when a connection closes.
 DRAIN_CHUNK = 64 * 1024
 DRAIN_READS = 16
+#: The worker tells the arbiter it is alive at most this often (gunicorn: on every turn of
+#: its loop, a system call per request; its worker timeout is whole seconds, or none).
+HEARTBEAT_SECONDS = 0.5
+#: The attribute of a function that names its own WSGI application (:func:`function_app`).
+WSGI_APP_ATTRIBUTE = "wsgi_app"
 #: Settings only newer gunicorns know, left out where the installed one lacks them.
 NEWER_GUNICORN_SETTINGS = frozenset({"control_socket_disable"})  # gunicorn >= 25.1
 
@@ -151,6 +161,19 @@ class IdleTimeoutWorker(ThreadWorker):
     """gunicorn's threaded worker, with :class:`IdleTimeoutConn` connections."""
 
     idle_timeout: float = DEFAULT_IDLE_TIMEOUT
+    _heartbeat: float = float("-inf")
+
+    def notify(self) -> None:
+        """gunicorn's heartbeat, at most every :data:`HEARTBEAT_SECONDS`.
+
+        gunicorn's loop touches the heartbeat file on every turn, i.e. about twice per
+        request under load; the arbiter only needs it within the worker timeout (whole
+        seconds; ``0``, the default here, checks nothing).
+        """
+        now = time.monotonic()
+        if now - self._heartbeat >= HEARTBEAT_SECONDS:
+            self._heartbeat = now
+            super().notify()
 
     def enqueue_req(self, conn: TConn) -> None:
         # Every connection passes here before a thread touches it.  Upgrading the
@@ -161,6 +184,22 @@ class IdleTimeoutWorker(ThreadWorker):
             conn.idle_timeout = self.idle_timeout  # type: ignore[attr-defined]
             conn.accepted = time.monotonic()  # type: ignore[attr-defined]
         super().enqueue_req(conn)
+
+    def _keepalive_after(self, conn: TConn, keepalive: bool) -> bool:
+        """gunicorn's (27), without its drain when the application has read the whole body.
+
+        Before a kept-alive connection goes back to the poller gunicorn drains what the
+        application left of the body, setting the socket's timeout for the drain and back:
+        two system calls per request even when nothing is left, as after every upload.  A
+        body of known length read to its end is that case; anything else is gunicorn's.
+        """
+        if keepalive:
+            body = getattr(getattr(conn.parser, "mesg", None), "body", None)
+            reader = getattr(body, "reader", None)
+            if (isinstance(reader, LengthReader) and reader.length == 0
+                    and body.failed is False and body.buf.tell() == 0):
+                return True
+        return bool(super()._keepalive_after(conn, keepalive))  # type: ignore[misc]
 
     def finish_request(self, conn: TConn, fs: Any) -> None:
         """gunicorn's, but a connection still silent since its accept gets the idle timeout.
@@ -363,6 +402,24 @@ class FunctionApplication(gunicorn.app.base.BaseApplication):
         return self.app
 
 
+def function_app(app: Any) -> Any:
+    """What to serve of functions-framework's ``app``: the function's own WSGI app, if any.
+
+    An HTTP function that sets ``function.wsgi_app`` to a WSGI application answering what
+    the function answers is served through that, without Flask's per-request dispatch;
+    any other function (the writer) through ``app``.  functions-framework wraps the
+    function for its view with :func:`functools.wraps`, which carries the attribute over
+    (and ``__wrapped__``, followed here as well).
+    """
+    view = getattr(app, "view_functions", {}).get("run")
+    while view is not None:
+        own = getattr(view, WSGI_APP_ATTRIBUTE, None)
+        if callable(own):
+            return own
+        view = getattr(view, "__wrapped__", None)
+    return app
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--source", required=True,
                         help="the function's file, e.g. functions/upload/main.py")
@@ -386,7 +443,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     prepare_metrics_dir()
     # Imports the source (configuration is loaded there: an error exits with its message).
-    app = functions_framework.create_app(settings.target, str(settings.source))
+    app = function_app(functions_framework.create_app(settings.target, str(settings.source)))
     if settings.metrics_port:
         try:
             serve_metrics(settings.metrics_host, settings.metrics_port)
