@@ -48,9 +48,10 @@ its own files): each file gets the objects one process would give it, in the sam
 order, so the same rows (tested), and the workers share nothing but the progress bar.
 ``--shard I/N`` rebuilds only the I-th of those N blocks, so machines, or the pods of a
 Kubernetes Indexed Job (infra/knative/replay/), each take one into one output volume.
-A block of D days reads D + ``--late-days`` + 1 upload days and decodes every object in
-them, so an object uploaded near a block's edge is read by two blocks: fewer, longer
-blocks waste less.  Each shard records what it wrote in a report
+A block of D days looks at the objects of D + ``--late-days`` + 1 upload days: those
+whose ``event-days`` metadata is outside the block are passed over, and those stored
+before the upload wrote it are decoded, so such an object uploaded near a block's edge
+is read by two blocks: fewer, longer blocks waste less.  Each shard records what it wrote in a report
 (``replay-reports/<from>_<to>/shard-I-of-N.json`` below ``--out``), written when it
 finishes; ``--verify-only`` then checks that every shard finished, with no unusable
 object, and compares each day file with the live one, or, where ``data_dir`` holds none
