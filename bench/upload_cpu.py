@@ -14,7 +14,10 @@ Three servers run on loopback for the whole run, each as it is deployed:
   the log goes to stderr as in a container), storing into a local SeaweedFS;
 - **floor**: a function that answers ``100`` and does nothing else, under the same
   launcher with the same environment: what gunicorn, functions-framework and Flask cost
-  per request before the upload does anything.
+  per request before the upload does anything;
+- **floor-wsgi**: the same empty function carrying a plain WSGI application as
+  ``wsgi_app`` (as the upload function does, so the launcher serves that instead of
+  Flask): what gunicorn and the launcher alone cost per request.  Shown, not a target.
 
 Each round gives every server (in an order rotated per round) a warm-up and then
 ``--uploads`` 1-event uploads (a Python 3 client's numpy-flavoured CIC event, ``data`` as
@@ -72,7 +75,7 @@ BIN = Path(sys.executable).parent
 SOURCE = ROOT / "functions" / "upload" / "main.py"
 IMAGE_CONFIG = ROOT / "functions" / "config.ini"
 BUCKET = "bench-upload-cpu"
-SERVERS = ("reference", "ours", "floor")
+SERVERS = ("reference", "ours", "floor", "floor-wsgi")
 #: ours may cost this much more than the floor, when the floor is above the reference.
 FLOOR_MARGIN_MS = 0.3
 FLOOR_SOURCE = '''"""The floor: a function that answers 100 and does nothing else."""
@@ -82,6 +85,17 @@ import functions_framework
 @functions_framework.http
 def floor(request):
     return "100"
+'''
+FLOOR_WSGI_SOURCE = FLOOR_SOURCE + '''
+
+def application(environ, start_response):
+    environ["wsgi.input"].read()
+    start_response("200 OK", [("Content-Type", "text/plain; charset=utf-8"),
+                              ("Content-Length", "3")])
+    return (b"100",)
+
+
+floor.wsgi_app = application
 '''
 
 
@@ -274,6 +288,38 @@ def profile_round(port: int, pid: int, bodies: list[bytes], uploads: int, client
     return summarize_raw([output for output, _ in recorders if output.exists()])
 
 
+#: The one-event path's steps: samples with a frame of the first names and none of the
+#: second (a frame is ``function (file:line)``; a name is the start of one).
+_APP = ("application (main.py", "Flask.__call__ (")
+_FUNCTION = ("serve_request (main.py",)
+STEPS: tuple[tuple[str, tuple[str, ...], tuple[str, ...]], ...] = (
+    ("the WSGI app (everything gunicorn's worker calls)", _APP, ()),
+    ("  around the upload (WSGI adapter, answer)", _APP, _FUNCTION),
+    ("  the upload (serve_request, functions/upload/main.py)", _FUNCTION, ()),
+    ("    reading the body", ("_read_body (main.py",), ()),
+    ("    form parsing (parse_form)", ("parse_form (",), ()),
+    ("    station, password", ("password_matches (", "StationList.get ("), ()),
+    ("    checksum (match_checksum)", ("match_checksum (",), ()),
+    ("    decoding gates (decode_batch)", ("decode_batch (",), ()),
+    ("    object metadata (metadata_for, event days)", ("metadata_for (", "event_day_span ("), ()),
+    ("    the put (Bucket.put, obstore's Python side)", ("Bucket.put (",), ()),
+    ("    metrics (_count)", ("_count (main.py",), ()),
+    ("    the log line (_log, Logger.log)", ("_log (main.py", "Logger.log ("), ()),
+    ("gunicorn's worker outside the app (main loop, parser, response)", ("",), _APP),
+)
+
+
+def steps_breakdown(stacks: collections.Counter[tuple[str, ...]], samples: int) -> list[str]:
+    """The share of the samples inside each step of :data:`STEPS`."""
+    lines = []
+    for label, names, excluded in STEPS:
+        count = sum(n for stack, n in stacks.items()
+                    if any(frame.startswith(names) for frame in stack)
+                    and not any(frame.startswith(excluded) for frame in stack if excluded))
+        lines.append(f"  {count / samples:6.1%}  {label}")
+    return lines
+
+
 def summarize_raw(paths: list[Path], top: int = 25) -> list[str]:
     """Own and total shares of the functions in py-spy's raw (collapsed stack) output.
 
@@ -282,6 +328,7 @@ def summarize_raw(paths: list[Path], top: int = 25) -> list[str]:
     """
     own: collections.Counter[str] = collections.Counter()
     total: collections.Counter[str] = collections.Counter()
+    stacks: collections.Counter[tuple[str, ...]] = collections.Counter()
     samples = 0
     for path in paths:
         for line in path.read_text().splitlines():
@@ -293,12 +340,15 @@ def summarize_raw(paths: list[Path], top: int = 25) -> list[str]:
             if not frames:
                 continue
             samples += count
+            stacks[tuple(frames)] += count
             own[frames[-1]] += count
             for frame in set(frames):
                 total[frame] += count
     if not samples:
         return ["(no samples: is py-spy installed in the venv? pip install py-spy)"]
     lines = [f"{samples} samples of worker threads holding the GIL"]
+    lines.append("by step of the one-event path (the step and what it calls):")
+    lines += steps_breakdown(stacks, samples)
     lines.append("by own time:")
     lines += [f"  {count / samples:6.1%}  {frame}" for frame, count in own.most_common(top)]
     lines.append("by total time (the frame and what it calls):")
@@ -333,6 +383,9 @@ def main() -> int:
         floor_source = work / "floor" / "main.py"
         floor_source.parent.mkdir()
         floor_source.write_text(FLOOR_SOURCE)
+        floor_wsgi_source = work / "floor-wsgi" / "main.py"
+        floor_wsgi_source.parent.mkdir()
+        floor_wsgi_source.write_text(FLOOR_WSGI_SOURCE)
         s3 = SeaweedS3(work / "seaweedfs", "bench-access", "bench-secret-" + os.urandom(8).hex())
         s3.start()
         servers: dict[str, tuple[int, subprocess.Popen[bytes]]] = {}
@@ -352,6 +405,8 @@ def main() -> int:
                          image_environment(base, work, s3, stations)),
                 "floor": (serve_command(floor_source, "floor", "127.0.0.1", 0),
                           image_environment(base, work, s3, stations)),
+                "floor-wsgi": (serve_command(floor_wsgi_source, "floor", "127.0.0.1", 0),
+                               image_environment(base, work, s3, stations)),
             }
             for name in args.only:
                 command, env = commands[name]
@@ -396,7 +451,7 @@ def main() -> int:
 
     figures = {name: median(name) for name in args.only}
     s3_ms = median("ours", "s3_cpu_ms") if "ours" in args.only else float("nan")
-    reference, ours, floor = (figures.get(n, float("nan")) for n in SERVERS)
+    reference, ours, floor, floor_wsgi = (figures.get(n, float("nan")) for n in SERVERS)
     target = target_ms(reference, floor)
 
     print()
@@ -418,6 +473,8 @@ def main() -> int:
           f"{ours / reference:.2f}x the reference, {ours - floor:+.2f} ms over the floor")
     print(f"  floor (an empty function, same launcher)           {floor:6.2f}   "
           f"{floor / reference:.2f}x the reference")
+    print(f"  floor-wsgi (the same, as a plain WSGI app)         {floor_wsgi:6.2f}   "
+          f"{floor_wsgi / reference:.2f}x the reference, ours {ours - floor_wsgi:+.2f} ms over it")
     print(f"  S3 server (SeaweedFS) during ours                  {s3_ms:6.2f}")
     rule = ("the reference's" if reference >= floor + FLOOR_MARGIN_MS
             else f"the floor + {FLOOR_MARGIN_MS} ms, above the reference's")
