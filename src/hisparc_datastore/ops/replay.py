@@ -51,11 +51,11 @@ Kubernetes Indexed Job (infra/knative/replay/), each take one into one output vo
 A block of D days looks at the objects of D + ``--late-days`` + 1 upload days: those
 whose ``event-days`` metadata is outside the block are passed over, and those stored
 before the upload wrote it are decoded, so such an object uploaded near a block's edge
-is read by two blocks: fewer, longer blocks waste less.  Each shard records what it wrote in a report
-(``replay-reports/<from>_<to>/shard-I-of-N.json`` below ``--out``), written when it
-finishes; ``--verify-only`` then checks that every shard finished, with no unusable
-object, and compares each day file with the live one, or, where ``data_dir`` holds none
-(the lost volume), reads each rebuilt file through and counts its rows.
+is read by two blocks: fewer, longer blocks waste less.  Each shard records what it
+wrote in a report (``replay-reports/<from>_<to>/shard-I-of-N.json`` below ``--out``),
+written when it finishes; ``--verify-only`` then checks that every shard finished, with
+no unusable object, and compares each day file with the live one, or, where ``data_dir``
+holds none (the lost volume), reads each rebuilt file through and counts its rows.
 """
 
 from __future__ import annotations
