@@ -124,6 +124,7 @@ def measure(scenario: Scenario, endpoint: str, access: str, secret: str) -> Resu
 
     work = Path(tempfile.mkdtemp(prefix="bench-memory-"))
     (work / "stations.csv").write_text(f"{STATION},{CLUSTER},x\n")
+    (work / "data").mkdir()  # the volume: the writer refuses to start without it
     name = "memory-" + uuid.uuid4().hex[:8]
     Bucket(name, endpoint=endpoint, access_key=access, secret_key=secret).ensure_exists()
     spec = {"bucket": name, "endpoint": endpoint, "access": access, "secret": secret,

@@ -245,7 +245,8 @@ def median_run(runs: list[Run]) -> Run:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--days", type=int, default=3)
+    # Even, so that 2 jobs get blocks of equal size (3 days split 2 + 1: at most 1.5x).
+    parser.add_argument("--days", type=int, default=6)
     parser.add_argument("--stations", type=int, default=4)
     parser.add_argument("--batches", type=int, default=24, help="per station and day")
     parser.add_argument("--events", type=int, default=500, help="per batch")

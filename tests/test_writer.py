@@ -12,7 +12,10 @@ import dataclasses
 import datetime as dt
 import hashlib
 import pickle
+import platform
 import random
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -724,3 +727,37 @@ def test_a_station_number_beyond_uint32_is_bad_metadata() -> None:
     with pytest.raises(BadOrigin, match="larger than"):
         object_origin("incoming/x.pickle", {"station": str(MAX_STATION + 1),
                                             "cluster": "Amsterdam"}, lambda number: None)
+
+
+_MAPPED_BLOCKS_PROBE = """
+import ctypes, sys
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks",
+        "uordblks", "fordblks", "keepcost")]
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = MallInfo2
+if sys.argv[1] == "writer":
+    from hisparc_datastore.writer import pipeline
+    assert pipeline.keep_large_blocks_mapped() and pipeline.keep_large_blocks_mapped()
+large = bytearray(4 << 20)  # mapped, and freed: glibc would now raise its threshold
+del large
+before = libc.mallinfo2().hblks
+block = bytearray(1 << 20)
+print(libc.mallinfo2().hblks - before)
+"""
+
+
+def _mapped_blocks_after_a_large_free(mode: str) -> int:
+    answer = subprocess.run([sys.executable, "-c", _MAPPED_BLOCKS_PROBE, mode],
+                            capture_output=True, text=True, check=True)
+    return int(answer.stdout.strip())
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's allocator only")
+def test_writer_keeps_large_blocks_mapped_after_a_large_batch() -> None:
+    """After a large block is freed, a 1 MiB block is still mapped of its own in the
+    writer (so freeing it hands its pages back), where glibc alone would put it on the
+    heap: the fix behind bench/memory.py's catch-up figure (docs/PERFORMANCE.md)."""
+    assert _mapped_blocks_after_a_large_free("plain") == 0
+    assert _mapped_blocks_after_a_large_free("writer") == 1
