@@ -1,4 +1,4 @@
-"""CPU per 1-event upload with the upload's core served as ASGI: the measured next step.
+"""CPU per 1-event upload with the upload function served as ASGI: the measured next step.
 
 docs/PERFORMANCE.md, "The single-event upload": the upload function costs more CPU per
 one-event upload than the reference, and most of the difference is gunicorn's threaded
@@ -7,17 +7,18 @@ measured as bench/upload_cpu.py measures (its functions: CPU of each server's pr
 tree from /proc per upload, 4 clients, medians of interleaved rounds):
 
 - **reference** and **ours**, as in bench/upload_cpu.py;
-- **asgi-gunicorn**: bench/asgi_upload_prototype.py under gunicorn with uvicorn's worker
+- **asgi-gunicorn**: the function's ASGI application (``asgi_application`` in
+  functions/upload/main.py, every check, the put awaited) under gunicorn with uvicorn's worker
   (``uvicorn_worker.UvicornWorker``, the way functions-framework serves ASGI functions),
   2 workers, keep-alive 100 s: gunicorn's arbiter stays, so would the launcher's metrics
   server and signal handling;
 - **asgi-gunicorn-h11**: the same with ``uvicorn_worker.UvicornH11Worker`` (asyncio's
   loop and the pure-Python h11 parser): what the images could run without a new
   dependency, since functions-framework already brings uvicorn and uvicorn-worker;
-- **asgi-uvicorn**: the same prototype under ``uvicorn --workers 2`` (uvloop, httptools).
+- **asgi-uvicorn**: the same under ``uvicorn --workers 2`` (uvloop, httptools).
 
-The prototype runs every check of the upload's core and makes the put with obstore's
-``put_async``; it is not the function (its docstring says what it lacks).  The rows with
+The image does not serve the ASGI application yet (docs/PERFORMANCE.md says what it
+still needs); these rows measure what it would cost.  The rows with
 uvloop and httptools need them installed (``.venv/bin/pip install 'uvicorn[standard]'``);
 without them they are left out, with a line saying so.
 
@@ -47,7 +48,8 @@ import upload_cpu  # noqa: E402
 
 NEEDED = ("uvicorn", "uvicorn_worker")  # functions-framework's own dependencies
 FAST = ("uvloop", "httptools")  # uvicorn[standard]: the rows that use them need them
-PROTOTYPE = "asgi_upload_prototype:application"
+ASGI_APP = "main:asgi_application"  # functions/upload/main.py
+FUNCTION_DIR = upload_cpu.SOURCE.parent
 
 
 def main() -> int:
@@ -98,19 +100,19 @@ def main() -> int:
                      "REFERENCE_QUEUE_DIR": str(work / "queue")}),
                 "ours": (serve_command(upload_cpu.SOURCE, "upload", "127.0.0.1", 0), image),
                 "asgi-gunicorn": (
-                    [python, "-m", "gunicorn", "--chdir", str(HERE), "--workers", "2",
+                    [python, "-m", "gunicorn", "--chdir", str(FUNCTION_DIR), "--workers", "2",
                      "--worker-class", "uvicorn_worker.UvicornWorker", "--keep-alive", "100",
-                     "--log-level", "error", "--bind", "127.0.0.1:{port}", PROTOTYPE], asgi),
+                     "--log-level", "error", "--bind", "127.0.0.1:{port}", ASGI_APP], asgi),
                 "asgi-gunicorn-h11": (
-                    [python, "-m", "gunicorn", "--chdir", str(HERE), "--workers", "2",
+                    [python, "-m", "gunicorn", "--chdir", str(FUNCTION_DIR), "--workers", "2",
                      "--worker-class", "uvicorn_worker.UvicornH11Worker", "--keep-alive",
-                     "100", "--log-level", "error", "--bind", "127.0.0.1:{port}", PROTOTYPE],
+                     "100", "--log-level", "error", "--bind", "127.0.0.1:{port}", ASGI_APP],
                     asgi),
                 "asgi-uvicorn": (
-                    [python, "-m", "uvicorn", "--app-dir", str(HERE), "--workers", "2",
+                    [python, "-m", "uvicorn", "--app-dir", str(FUNCTION_DIR), "--workers", "2",
                      "--loop", "uvloop", "--http", "httptools", "--timeout-keep-alive", "100",
                      "--no-access-log", "--log-level", "error", "--host", "127.0.0.1",
-                     "--port", "{port}", PROTOTYPE], asgi),
+                     "--port", "{port}", ASGI_APP], asgi),
             }
             if not fast:
                 del commands["asgi-gunicorn"], commands["asgi-uvicorn"]

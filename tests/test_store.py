@@ -8,6 +8,7 @@ back what was stored, so the objects are checked by another S3 implementation.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import socket
 import subprocess
@@ -111,6 +112,40 @@ def test_unreachable_bucket_is_a_bucket_error(unused_port: int) -> None:
     assert not isinstance(raised.value, ObjectMissing | ObjectRefused)
     with pytest.raises(BucketError):
         list(down.list("incoming/"))
+
+
+
+def test_put_async_stores_and_fails_as_put_does(bucket: Bucket, s3_endpoint: S3Endpoint,
+                                                unused_port: int) -> None:
+    """The event loop's put: the same object, metadata and etag as :meth:`Bucket.put`, and
+    the same exceptions (a refused key, an unreachable bucket, a body damaged on the way)."""
+    body = b"(lp0\n." * 500
+
+    async def puts() -> None:
+        etag = await bucket.put_async("incoming/501/async.pickle", body, METADATA)
+        assert etag == hashlib.md5(body).hexdigest()  # noqa: S324 - one part: the MD5
+        with pytest.raises(ObjectRefused):
+            await bucket.put_async("incoming/501/x\x00.pickle", body, METADATA)
+        down = Bucket("nowhere", endpoint=f"http://127.0.0.1:{unused_port}", access_key="a",
+                      secret_key="b", connect_timeout=0.3, read_timeout=0.3, max_attempts=1)
+        with pytest.raises(BucketError) as raised:
+            await down.put_async("incoming/501/x.pickle", body, {})
+        assert not isinstance(raised.value, ObjectMissing | ObjectRefused)
+        with FaultProxy(s3_endpoint.url.removeprefix("http://")) as proxy:
+            through = Bucket(bucket.name, endpoint=proxy.url,
+                             access_key=s3_endpoint.access_key,
+                             secret_key=s3_endpoint.secret_key, max_attempts=1)
+            proxy.fault = Fault("flip", match=lambda method, path: method == "PUT")
+            with pytest.raises(BucketError):
+                await through.put_async("incoming/501/damaged-async.pickle", body, METADATA)
+
+    asyncio.run(puts())
+    stored = bucket.get("incoming/501/async.pickle")
+    assert (stored.body, stored.metadata) == (body, METADATA)
+    other = boto(bucket, s3_endpoint).head_object(Bucket=bucket.name,
+                                                  Key="incoming/501/async.pickle")
+    assert other["ContentType"] == PICKLE_CONTENT_TYPE
+    assert bucket.head("incoming/501/damaged-async.pickle") is None
 
 
 FORKING = """\

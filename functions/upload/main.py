@@ -15,7 +15,8 @@ protocol's ``text/plain`` response with one log line.  Decisions made here:
   upload"); the WSGI application does what of it the upload needs: the body through
   werkzeug's own input stream, ``Content-Type`` and ``Content-Length`` headers, no body
   for ``HEAD``, and functions-framework's ``404`` for ``/robots.txt`` and
-  ``/favicon.ico``.
+  ``/favicon.ico``.  A third wrapper, :func:`asgi_application`, answers alike as an ASGI
+  application with the put awaited; the image does not serve it yet (its docstring).
 
 - Configuration is loaded when the module is imported, which functions-framework does
   before it starts serving: a bad or missing key stops the process with a message naming
@@ -47,11 +48,13 @@ protocol's ``text/plain`` response with one log line.  Decisions made here:
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import datetime as dt
 import logging
+import os
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 import flask
@@ -64,8 +67,9 @@ from hisparc_datastore import metrics
 from hisparc_datastore.config import ConfigError, Settings, load_settings
 from hisparc_datastore.format import payload
 from hisparc_datastore.logs import setup_logging
+from hisparc_datastore.serve import DEFAULT_IDLE_TIMEOUT, IDLE_TIMEOUT_ENV
 from hisparc_datastore.stations import StationList
-from hisparc_datastore.storage.store import Bucket
+from hisparc_datastore.storage.store import Bucket, BucketError
 from hisparc_datastore.upload import protocol as core
 
 log = logging.getLogger("hisparc_datastore.upload.protocol")
@@ -178,19 +182,32 @@ def serve_request(environ: dict[str, Any], stream: Callable[[], Any] | None = No
         return DESCRIPTION, 200, True  # a GET body is never read
     started = time.perf_counter()
     try:
-        if method != "POST":
-            answer, unread = core.UploadAnswer(
-                code=core.BAD_REQUEST, http_status=405, reason=f"method {method}"
-            ), True
-        else:
-            answer, unread = _answer(environ, stream)
-    except Exception as exc:  # a defect of ours: one error line; the trace at debug only
-        log.error("upload failed unexpectedly (answered %s): %s: %s",
-                  core.TRANSACTION_FAILED, type(exc).__name__, exc)
-        log.debug("upload failure detail", exc_info=True)
-        answer, unread = core.UploadAnswer(
-            code=core.TRANSACTION_FAILED, http_status=503, reason="internal error"
-        ), True
+        answer, unread = _not_post(method) or _answer(environ, stream)
+    except Exception as exc:
+        answer, unread = _unexpected(exc)
+    return _finished(answer, unread, started)
+
+
+def _not_post(method: str) -> tuple[core.UploadAnswer, bool] | None:
+    if method == "POST":
+        return None
+    return core.UploadAnswer(
+        code=core.BAD_REQUEST, http_status=405, reason=f"method {method}"
+    ), True
+
+
+def _unexpected(exc: Exception) -> tuple[core.UploadAnswer, bool]:
+    """A defect of ours: one error line, the trace at debug level only; ``205``."""
+    log.error("upload failed unexpectedly (answered %s): %s: %s",
+              core.TRANSACTION_FAILED, type(exc).__name__, exc)
+    log.debug("upload failure detail", exc_info=True)
+    return core.UploadAnswer(
+        code=core.TRANSACTION_FAILED, http_status=503, reason="internal error"
+    ), True
+
+
+def _finished(answer: core.UploadAnswer, unread: bool, started: float
+              ) -> tuple[str, int, bool]:
     seconds = time.perf_counter() - started
     _count(answer, seconds)
     _log(answer, seconds * 1000)
@@ -252,6 +269,126 @@ def upload(request: flask.Request) -> flask.Response:
 
 #: The launcher serves this instead of functions-framework's Flask app (the docstring).
 upload.wsgi_app = application  # type: ignore[attr-defined]
+
+
+# --- the same function as an ASGI application -----------------------------------------
+
+#: How long a body read may wait for the next bytes: the launcher's idle timeout.
+BODY_IDLE_SECONDS = float(os.environ.get(IDLE_TIMEOUT_ENV, str(DEFAULT_IDLE_TIMEOUT)))
+
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+
+
+async def asgi_application(scope: dict[str, Any], receive: Receive, send: Send) -> None:
+    """The upload function as an ASGI application, answering what :func:`application`
+    answers (status, body, ``Content-Type``, a ``Content-Length`` or none), with the put
+    made by :meth:`~hisparc_datastore.storage.store.Bucket.put_async`.
+
+    Not what the image serves yet.  Under gunicorn with uvicorn's worker it costs the
+    reference's CPU per one-event upload, where the threaded worker costs 1.2x: a request
+    waiting for its body or for the bucket is a coroutine, not a thread
+    (docs/PERFORMANCE.md, "The single-event upload", with what serving it still needs).
+    Each read of the body waits at most ``IDLE_TIMEOUT_SECONDS`` for the client, as the
+    launcher's idle timeout does for the threaded worker.
+    """
+    if scope["type"] == "lifespan":
+        await _lifespan(receive, send)
+        return
+    if scope["type"] != "http":
+        return
+    method = scope["method"]
+    if scope["path"] in NOT_ROUTED:
+        page = NotFound(description="Not Found").get_response()
+        await _respond(send, page.status_code, list(page.headers.items()),
+                       b"" if method == "HEAD" else page.get_data())
+        return
+    text, status, streamed = await _served_asgi(scope, receive)
+    body = text.encode("ascii")
+    headers = [("Content-Type", CONTENT_TYPE)]
+    if not streamed:
+        headers.append(("Content-Length", str(len(body))))
+    await _respond(send, status, headers, b"" if method == "HEAD" else body)
+
+
+async def _served_asgi(scope: dict[str, Any], receive: Receive) -> tuple[str, int, bool]:
+    """:func:`_served` for the ASGI application."""
+    try:
+        method = scope["method"]
+        if method in ("GET", "HEAD"):
+            return DESCRIPTION, 200, True
+        started = time.perf_counter()
+        try:
+            answer, unread = _not_post(method) or await _answer_asgi(scope, receive)
+        except Exception as exc:
+            answer, unread = _unexpected(exc)
+        return _finished(answer, unread, started)
+    except Exception as exc:
+        with contextlib.suppress(Exception):
+            log.error("upload failed after its answer (answered %s): %s: %s",
+                      core.TRANSACTION_FAILED, type(exc).__name__, exc)
+        return core.TRANSACTION_FAILED, 503, True
+
+
+async def _answer_asgi(scope: dict[str, Any], receive: Receive
+                       ) -> tuple[core.UploadAnswer, bool]:
+    """:func:`_answer` for the ASGI application: the body from ``receive``, the put awaited."""
+    headers = {name.decode("latin-1").lower(): value.decode("latin-1")
+               for name, value in scope["headers"]}
+    limit = SETTINGS.max_body_bytes
+    length = get_content_length({  # werkzeug's reading of the headers, as for WSGI
+        "CONTENT_LENGTH": headers.get("content-length", ""),
+        "HTTP_TRANSFER_ENCODING": headers.get("transfer-encoding", ""),
+    })
+    if length is not None and length > limit:
+        return core.too_large(length, limit), True
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        try:
+            async with asyncio.timeout(BODY_IDLE_SECONDS):  # no task per read, as wait_for
+                message = await receive()
+        except TimeoutError:
+            return core.UploadAnswer(code=core.BAD_REQUEST,
+                                     reason="body unreadable: TimeoutError"), True
+        if message["type"] == "http.disconnect":
+            return core.UploadAnswer(code=core.BAD_REQUEST,
+                                     reason="body unreadable: ClientDisconnected"), True
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            return core.too_large(None, limit), True
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            break
+    verified = core.verify_upload(b"".join(chunks), headers.get("content-type", ""),
+                                  STATIONS, SETTINGS.minimum_year, dt.datetime.now(dt.UTC))
+    if isinstance(verified, core.UploadAnswer):
+        return verified, False
+    try:
+        await STORE.put_async(verified.key, verified.pickled, verified.metadata)
+    except BucketError as exc:
+        return verified.failed(exc), False
+    return verified.answer, False
+
+
+async def _respond(send: Send, status: int, headers: list[tuple[str, str]],
+                   body: bytes) -> None:
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(name.lower().encode("latin-1"), value.encode("latin-1"))
+                            for name, value in headers]})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def _lifespan(receive: Receive, send: Send) -> None:
+    """Nothing to start or stop: the module is ready once imported."""
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            await send({"type": "lifespan.shutdown.complete"})
+            return
 
 
 def _count(answer: core.UploadAnswer, seconds: float) -> None:

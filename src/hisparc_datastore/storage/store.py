@@ -262,6 +262,19 @@ class Bucket:
             raise self._failure(f"put {key}", key, exc) from exc
         return _unquote(answer.get("e_tag"))
 
+    async def put_async(self, key: str, body: bytes, metadata: Mapping[str, str],
+                        content_type: str = PICKLE_CONTENT_TYPE) -> str:
+        """:meth:`put` for an event loop: the request is made on obstore's runtime while
+        the loop serves other requests, instead of a thread waiting for the answer."""
+        self._check_key(key)
+        attributes = {"Content-Type": content_type, **metadata}
+        try:
+            answer = await self._store().put_async(key, body, attributes=attributes,
+                                                   use_multipart=False)
+        except Exception as exc:
+            raise self._failure(f"put {key}", key, exc) from exc
+        return _unquote(answer.get("e_tag"))
+
     def copy(self, source: str, target: str, metadata: Mapping[str, str] | None = None) -> None:
         """Copy ``source`` to ``target``: server-side, or (to replace the metadata, which
         a server-side copy here cannot) through this process.  ObjectMissing when

@@ -31,6 +31,7 @@ Decisions beyond the answer table (docs/FORMAT.md, section 1.4):
 from __future__ import annotations
 
 import codecs
+import dataclasses
 import datetime as dt
 import email.message
 import functools
@@ -353,18 +354,44 @@ def metadata_for(
     return metadata
 
 
-def handle_upload(
+@dataclass(frozen=True)
+class VerifiedUpload:
+    """A batch that passed every check: what to store, and the answer for either outcome.
+
+    The put is the caller's, so that a server can make it without holding a thread
+    (:func:`handle_upload` makes it with the store's blocking ``put``).
+    """
+
+    key: str
+    pickled: bytes
+    metadata: dict[str, str]
+    #: The answer once the object is stored.
+    answer: UploadAnswer
+
+    def failed(self, exc: BucketError) -> UploadAnswer:
+        """The answer when the put failed: the station sends the batch again later."""
+        return dataclasses.replace(
+            self.answer,
+            code=DATABASE_UNREACHABLE,
+            http_status=503,
+            key=None,
+            reason=f"bucket: {exc}"[:300],
+        )
+
+
+def verify_upload(
     body: bytes,
     content_type: str,
     stations: StationLookup,
-    store: Store,
     minimum_year: int,
     now: dt.datetime,
-) -> UploadAnswer:
-    """Answer one station upload; store the verified pickle bytes before answering 100.
+) -> UploadAnswer | VerifiedUpload:
+    """Every check of one station upload, in the answer table's order; nothing is stored.
 
-    ``minimum_year`` is ``[General] minimum_year``: a batch with an event before it is
-    stored under ``suspicious/`` instead of ``incoming/``.
+    A refusal comes back as its :class:`UploadAnswer`; a batch that passes, as the
+    :class:`VerifiedUpload` to put before answering ``100``.  ``minimum_year`` is
+    ``[General] minimum_year``: a batch with an event before it goes under
+    ``suspicious/`` instead of ``incoming/``.
     """
     nbytes = len(body)
 
@@ -423,33 +450,43 @@ def handle_upload(
             reading=reading,
         )
 
-    # 6. Store, then answer.
+    # 6. What to store, and the answer once it is stored.
     suspicious = is_suspicious(events, minimum_year)
     key = (suspicious_key if suspicious else incoming_key)(number, digest)
-    try:
-        store.put(key, pickled,
-                  metadata_for(station, len(events), now, event_day_span(events)))
-    except BucketError as exc:
-        return UploadAnswer(
-            code=DATABASE_UNREACHABLE,
-            http_status=503,
+    return VerifiedUpload(
+        key=key,
+        pickled=pickled,
+        metadata=metadata_for(station, len(events), now, event_day_span(events)),
+        answer=UploadAnswer(
+            code=STORED,
             station=number,
             events=len(events),
             nbytes=nbytes,
-            reason=f"bucket: {exc}"[:300],
+            key=key,
+            reason="suspicious: event before minimum year" if suspicious else "",
             reading=reading,
             suspicious=suspicious,
-        )
-    return UploadAnswer(
-        code=STORED,
-        station=number,
-        events=len(events),
-        nbytes=nbytes,
-        key=key,
-        reason="suspicious: event before minimum year" if suspicious else "",
-        reading=reading,
-        suspicious=suspicious,
+        ),
     )
+
+
+def handle_upload(
+    body: bytes,
+    content_type: str,
+    stations: StationLookup,
+    store: Store,
+    minimum_year: int,
+    now: dt.datetime,
+) -> UploadAnswer:
+    """Answer one station upload; store the verified pickle bytes before answering 100."""
+    verified = verify_upload(body, content_type, stations, minimum_year, now)
+    if isinstance(verified, UploadAnswer):
+        return verified
+    try:
+        store.put(verified.key, verified.pickled, verified.metadata)
+    except BucketError as exc:
+        return verified.failed(exc)
+    return verified.answer
 
 
 def too_large(nbytes: int | None, limit: int) -> UploadAnswer:
