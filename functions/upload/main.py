@@ -285,8 +285,9 @@ async def asgi_application(scope: dict[str, Any], receive: Receive, send: Send) 
     answers (status, body, ``Content-Type``, a ``Content-Length`` or none), with the put
     made by :meth:`~hisparc_datastore.storage.store.Bucket.put_async`.
 
-    Not what the image serves yet.  Under gunicorn with uvicorn's worker it costs the
-    reference's CPU per one-event upload, where the threaded worker costs 1.2x: a request
+    Not what the image serves yet.  Under gunicorn with uvicorn's worker it costs
+    0.92-1.06x the reference's CPU per one-event upload, where the threaded worker costs
+    1.09-1.21x (bench/upload_asgi.py): a request
     waiting for its body or for the bucket is a coroutine, not a thread
     (docs/PERFORMANCE.md, "The single-event upload", with what serving it still needs).
     Each read of the body waits at most ``IDLE_TIMEOUT_SECONDS`` for the client, as the
