@@ -31,12 +31,12 @@ import argparse
 import importlib.util
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-from hisparc_datastore_dev.ports import free_port
-from hisparc_datastore_dev.processes import serve_command, spawn, stop_process
+from hisparc_datastore_dev.processes import serve_command, stop_process
 from hisparc_datastore_dev.s3server import SeaweedS3
 
 from hisparc_datastore.storage.store import Bucket
@@ -80,7 +80,7 @@ def main() -> int:
                             f"{bench_upload.PASSWORD}\n")
         s3 = SeaweedS3(work / "seaweedfs", "bench-access", "bench-secret-" + os.urandom(8).hex())
         s3.start()
-        servers: dict[str, tuple[int, object]] = {}
+        servers: dict[str, tuple[int, subprocess.Popen[bytes]]] = {}
         try:
             Bucket(upload_cpu.BUCKET, endpoint=s3.endpoint, access_key=s3.access_key,
                    secret_key=s3.secret_key).ensure_exists()
@@ -116,32 +116,18 @@ def main() -> int:
             }
             if not fast:
                 del commands["asgi-gunicorn"], commands["asgi-uvicorn"]
-            for name, (command, env) in commands.items():
-                port = free_port()
-                command = [part.replace("{port}", str(port)) for part in command]
-                if "--port" in command and command[command.index("--port") + 1] == "0":
-                    command[command.index("--port") + 1] = str(port)
-                log = work / f"{name}.log"
-                process = spawn(command, env, log, cwd=upload_cpu.ROOT)
-                servers[name] = (port, process)
-                upload_cpu.wait_for_100(port, bodies[0], process, log)
+            upload_cpu.start_servers(servers, commands, bodies[0], work)
             figures: dict[str, list[float]] = {name: [] for name in commands}
-            for number in range(args.rounds):
-                names = list(commands)
-                names = names[number % len(names):] + names[:number % len(names)]
-                for name in names:
-                    port, process = servers[name]
-                    print(f"round {number + 1}/{args.rounds}: {name} ...", file=sys.stderr,
-                          flush=True)
-                    measured = upload_cpu.measure(name, port, process.pid, 0, bodies,  # type: ignore[attr-defined]
-                                                  args.uploads, args.clients)
+            for measures in upload_cpu.interleaved_rounds(servers, bodies, args.rounds,
+                                                          args.uploads, args.clients, {}):
+                for measured in measures:
                     if measured.failures:
-                        print(f"FAILURES of {name}: {measured.failures}")
+                        print(f"FAILURES of {measured.server}: {measured.failures}")
                         return 1
-                    figures[name].append(measured.cpu_ms)
+                    figures[measured.server].append(measured.cpu_ms)
         finally:
             for _, process in servers.values():
-                stop_process(process)  # type: ignore[arg-type]
+                stop_process(process)
             s3.stop()
     reference = statistics.median(figures["reference"])
     print(f"\nCPU per 1-event upload (medians of {args.rounds} rounds of {args.uploads}, "

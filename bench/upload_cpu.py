@@ -105,29 +105,14 @@ def tree_cpu_seconds(pid: int) -> float:
     Children already reaped count through their parent's ``cutime``/``cstime``, so a
     worker that exits between two readings does not lose its time.
     """
-    ticks = os.sysconf("SC_CLK_TCK")
     total = 0
-    stack, seen = [pid], set()
-    while stack:
-        process = stack.pop()
-        if process in seen:
-            continue
-        seen.add(process)
+    for process in [pid, *tree_pids(pid)]:
         try:
             fields = Path(f"/proc/{process}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
+        except OSError:  # exited meanwhile: its parent's cutime/cstime has it
             continue
         total += sum(int(value) for value in fields[11:15])  # utime stime cutime cstime
-        try:
-            tasks = list(Path(f"/proc/{process}/task").iterdir())
-        except OSError:
-            continue
-        for task in tasks:
-            try:
-                stack.extend(int(child) for child in (task / "children").read_text().split())
-            except OSError:
-                continue
-    return total / ticks
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 def tree_pids(pid: int) -> list[int]:
@@ -229,6 +214,42 @@ def wait_for_100(port: int, body: bytes, process: subprocess.Popen[bytes], log: 
             pass
         time.sleep(0.05)
     raise RuntimeError(f"server never answered 100; see {log}")
+
+
+def start_servers(servers: dict[str, tuple[int, subprocess.Popen[bytes]]],
+                  commands: dict[str, tuple[list[str], dict[str, str]]], body: bytes,
+                  work: Path) -> None:
+    """Start each command on a free port (``{port}`` or ``--port``) and wait for its first
+    ``100`` to ``body``; into ``servers`` as each starts, so the caller stops what started."""
+    for name, (command, env) in commands.items():
+        port = free_port()
+        command = [part.replace("{port}", str(port)) for part in command]
+        if "--port" in command:
+            command[command.index("--port") + 1] = str(port)
+        log = work / f"{name}.log"
+        process = spawn(command, env, log, cwd=ROOT)
+        servers[name] = (port, process)
+        wait_for_100(port, body, process, log)
+
+
+def interleaved_rounds(servers: dict[str, tuple[int, subprocess.Popen[bytes]]],
+                       bodies: list[bytes], rounds: int, uploads: int, clients: int,
+                       s3_pids: dict[str, int]) -> list[list[Measure]]:
+    """``rounds`` rounds of every server, the order rotated per round; each round's
+    measures in the order of ``servers``.  ``s3_pids`` names the S3 server measured
+    beside a server."""
+    names = list(servers)
+    measured = []
+    for number in range(rounds):
+        turn = names[number % len(names):] + names[:number % len(names)]
+        found = {}
+        for name in turn:
+            port, process = servers[name]
+            print(f"round {number + 1}/{rounds}: {name} ...", file=sys.stderr, flush=True)
+            found[name] = measure(name, port, process.pid, s3_pids.get(name, 0), bodies,
+                                  uploads, clients)
+        measured.append([found[name] for name in names])
+    return measured
 
 
 def target_ms(reference: float, floor: float) -> float:
@@ -408,29 +429,13 @@ def main() -> int:
                 "floor-wsgi": (serve_command(floor_wsgi_source, "floor", "127.0.0.1", 0),
                                image_environment(base, work, s3, stations)),
             }
-            for name in args.only:
-                command, env = commands[name]
-                port = free_port()
-                command = [part.replace("{port}", str(port)) for part in command]
-                if "--port" in command:
-                    command[command.index("--port") + 1] = str(port)
-                log = work / f"{name}.log"
-                process = spawn(command, env, log, cwd=ROOT)
-                servers[name] = (port, process)
-                wait_for_100(port, bodies[0], process, log)
+            start_servers(servers, {name: commands[name] for name in args.only}, bodies[0],
+                          work)
             s3_pid = s3.process.pid if s3.process else 0
-            for number in range(args.rounds):
-                names = list(args.only)
-                names = names[number % len(names):] + names[:number % len(names)]
-                measures = []
-                for name in names:
-                    port, process = servers[name]
-                    print(f"round {number + 1}/{args.rounds}: {name} ...", file=sys.stderr,
-                          flush=True)
-                    measures.append(measure(name, port, process.pid,
-                                            s3_pid if name == "ours" else 0, bodies,
-                                            args.uploads, args.clients))
-                rounds.append(sorted(measures, key=lambda m: SERVERS.index(m.server)))
+            rounds = [sorted(measures, key=lambda m: SERVERS.index(m.server))
+                      for measures in interleaved_rounds(servers, bodies, args.rounds,
+                                                         args.uploads, args.clients,
+                                                         {"ours": s3_pid})]
             if args.profile and "ours" in servers:
                 port, process = servers["ours"]
                 profile = profile_round(port, process.pid, bodies, args.uploads, args.clients,
