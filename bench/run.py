@@ -145,7 +145,9 @@ def upload_rows(figures: dict[str, Any]) -> list[Row]:
 def upload_cpu_rows(figures: dict[str, Any]) -> list[Row]:
     medians = figures["medians_ms"]
     plain = medians.get("floor-wsgi", float("nan"))
+    threads = medians.get("ours-threads", float("nan"))
     return [Row(f"upload 1 event: server CPU ms/upload (reference {medians['reference']:.2f}, "
+                f"ours with WORKER_TYPE=threads {threads:.2f}, "
                 f"floor {medians['floor']:.2f}, as plain WSGI {plain:.2f}, "
                 f"S3 server {medians['s3']:.2f})",
                 medians["ours"], "ms", figures["target_ms"], at_least=False)]

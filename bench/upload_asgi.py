@@ -1,4 +1,8 @@
-"""CPU per 1-event upload with the upload function served as ASGI: the measured next step.
+"""CPU per 1-event upload with the upload function served as ASGI: the alternatives compared.
+
+This is how the async worker (``WORKER_TYPE=async``, now what the image serves and what
+bench/upload_cpu.py measures as "ours") was chosen, kept to compare it with plain
+uvicorn-worker, with h11 and with uvicorn alone when any of them changes.
 
 docs/PERFORMANCE.md, "The single-event upload": the upload function costs more CPU per
 one-event upload than the reference, and most of the difference is gunicorn's threaded
@@ -17,10 +21,10 @@ tree from /proc per upload, 4 clients, medians of interleaved rounds):
   dependency, since functions-framework already brings uvicorn and uvicorn-worker;
 - **asgi-uvicorn**: the same under ``uvicorn --workers 2`` (uvloop, httptools).
 
-The image does not serve the ASGI application yet (docs/PERFORMANCE.md says what it
-still needs); these rows measure what it would cost.  The rows with
-uvloop and httptools need them installed (``.venv/bin/pip install 'uvicorn[standard]'``);
-without them they are left out, with a line saying so.
+"ours" here is what the image serves (the async worker); these rows measure uvicorn's own
+workers, without the launcher's guards, around the same application.  uvloop and httptools
+are in the upload extra now; should they be missing, their rows are left out, with a line
+saying so.
 
 Run: ``.venv/bin/python bench/upload_asgi.py`` (``--quick`` for a short look).
 """

@@ -9,9 +9,12 @@ Three servers run on loopback for the whole run, each as it is deployed:
 - **ours**: the upload function as its image serves it, ``python -m
   hisparc_datastore.serve --source functions/upload/main.py --target upload`` with the
   image's environment (functions/upload/Dockerfile ``ENV`` and the Knative Service's
-  ``env``: the shipped functions/config.ini, ``WORKERS=2``, ``THREADS=8``, ``METRICS_PORT``
-  on, ``TMPDIR``, ``PYTHONUNBUFFERED``, ``PYTHONDONTWRITEBYTECODE``, the 32 MiB body limit;
-  the log goes to stderr as in a container), storing into a local SeaweedFS;
+  ``env``: the shipped functions/config.ini, ``WORKER_TYPE=async``, ``WORKERS=2``,
+  ``THREADS=8``, ``METRICS_PORT`` on, ``TMPDIR``, ``PYTHONUNBUFFERED``,
+  ``PYTHONDONTWRITEBYTECODE``, the 32 MiB body limit; the log goes to stderr as in a
+  container), storing into a local SeaweedFS;
+- **ours-threads**: the same with ``WORKER_TYPE=threads``, gunicorn's threaded worker
+  (the way back should the async worker misbehave).  Shown, not a target;
 - **floor**: a function that answers ``100`` and does nothing else, under the same
   launcher with the same environment: what gunicorn, functions-framework and Flask cost
   per request before the upload does anything;
@@ -75,7 +78,7 @@ BIN = Path(sys.executable).parent
 SOURCE = ROOT / "functions" / "upload" / "main.py"
 IMAGE_CONFIG = ROOT / "functions" / "config.ini"
 BUCKET = "bench-upload-cpu"
-SERVERS = ("reference", "ours", "floor", "floor-wsgi")
+SERVERS = ("reference", "ours", "ours-threads", "floor", "floor-wsgi")
 #: ours may cost this much more than the floor, when the floor is above the reference.
 FLOOR_MARGIN_MS = 0.3
 FLOOR_SOURCE = '''"""The floor: a function that answers 100 and does nothing else."""
@@ -271,6 +274,7 @@ def image_environment(base: dict[str, str], work: Path, s3: SeaweedS3, stations:
         "PYTHONUNBUFFERED": "1",
         "PYTHONDONTWRITEBYTECODE": "1",
         "DATASTORE_CONFIG": str(IMAGE_CONFIG),
+        "WORKER_TYPE": "async",
         "WORKERS": "2",
         "THREADS": "8",
         "TMPDIR": str(tmp),
@@ -424,6 +428,9 @@ def main() -> int:
                      "REFERENCE_QUEUE_DIR": str(work / "queue")}),
                 "ours": (serve_command(SOURCE, "upload", "127.0.0.1", 0),
                          image_environment(base, work, s3, stations)),
+                "ours-threads": (serve_command(SOURCE, "upload", "127.0.0.1", 0),
+                                 {**image_environment(base, work, s3, stations),
+                                  "WORKER_TYPE": "threads"}),
                 "floor": (serve_command(floor_source, "floor", "127.0.0.1", 0),
                           image_environment(base, work, s3, stations)),
                 "floor-wsgi": (serve_command(floor_wsgi_source, "floor", "127.0.0.1", 0),
@@ -456,26 +463,29 @@ def main() -> int:
 
     figures = {name: median(name) for name in args.only}
     s3_ms = median("ours", "s3_cpu_ms") if "ours" in args.only else float("nan")
-    reference, ours, floor, floor_wsgi = (figures.get(n, float("nan")) for n in SERVERS)
+    reference, ours, ours_threads, floor, floor_wsgi = (figures.get(n, float("nan"))
+                                                        for n in SERVERS)
     target = target_ms(reference, floor)
 
     print()
     print(f"CPU per 1-event upload: {args.clients} concurrent clients, {args.uploads} uploads "
           f"per server and round, {args.rounds} rounds, {os.cpu_count()} CPUs")
-    header = (f"{'round':>5} {'server':<10} {'CPU ms/upload':>14} {'S3 ms/upload':>13} "
+    header = (f"{'round':>5} {'server':<12} {'CPU ms/upload':>14} {'S3 ms/upload':>13} "
               f"{'uploads/s':>10} {'load':>5}  failures")
     print(header)
     print("-" * len(header))
     for number, measures in enumerate(rounds, start=1):
         for m in measures:
             s3_text = f"{m.s3_cpu_ms:.2f}" if m.server == "ours" else "-"
-            print(f"{number:>5} {m.server:<10} {m.cpu_ms:>14.2f} {s3_text:>13} "
+            print(f"{number:>5} {m.server:<12} {m.cpu_ms:>14.2f} {s3_text:>13} "
                   f"{m.uploads_per_s:>10.0f} {m.load:>5.2f}  {m.failures or '-'}")
     print()
     print("medians (ms of CPU per upload):")
     print(f"  reference (gunicorn, 2 sync workers, queue file)   {reference:6.2f}")
     print(f"  ours (the image's launcher and settings)           {ours:6.2f}   "
           f"{ours / reference:.2f}x the reference, {ours - floor:+.2f} ms over the floor")
+    print(f"  ours-threads (WORKER_TYPE=threads, the way back)   {ours_threads:6.2f}   "
+          f"{ours_threads / reference:.2f}x the reference")
     print(f"  floor (an empty function, same launcher)           {floor:6.2f}   "
           f"{floor / reference:.2f}x the reference")
     print(f"  floor-wsgi (the same, as a plain WSGI app)         {floor_wsgi:6.2f}   "

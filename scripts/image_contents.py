@@ -30,8 +30,9 @@ IMAGE_COMMANDS = {"sweep", "status", "replay", "import-legacy", "failed", "serve
 #: Modules each image imports when it serves (a missing one fails at start-up anyway,
 #: but here it fails with its name).
 NEEDED = {
-    "upload": ["hisparc_datastore.serve", "hisparc_datastore.upload.protocol", "obstore",
-               "numpy", "prometheus_client", "functions_framework", "gunicorn"],
+    "upload": ["hisparc_datastore.serve", "hisparc_datastore.serve_async",
+               "hisparc_datastore.upload.protocol", "obstore", "numpy", "prometheus_client",
+               "functions_framework", "gunicorn", "uvicorn", "uvloop", "httptools"],
     "writer": ["hisparc_datastore.serve", "hisparc_datastore.writer.service", "obstore",
                "numpy", "h5py", "tqdm", "prometheus_client", "functions_framework",
                "gunicorn"],

@@ -1055,7 +1055,13 @@ def _gunicorn_slots(name: str) -> tuple[int, int]:
 
 
 def test_gunicorn_settings_match_the_services() -> None:
-    # The upload takes as many requests as it has threads.
+    # The upload runs the async worker; the threaded one, its way back, takes as many
+    # requests as it has threads.
+    image = dockerfile_env(final_stage(dockerfile(DOCKERFILES["upload"])))
+    assert image["WORKER_TYPE"] == "async"
+    assert env_values(pod_container(template_spec("upload")))["WORKER_TYPE"] == "async"
+    writer_image = dockerfile_env(final_stage(dockerfile(DOCKERFILES["writer"])))
+    assert "WORKER_TYPE" not in writer_image  # no ASGI application: the threaded worker
     workers, threads = _gunicorn_slots("upload")
     assert template_spec("upload")["containerConcurrency"] == workers * threads
     # The writer takes one request at a time through the queue-proxy; its second thread

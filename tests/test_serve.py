@@ -1,10 +1,12 @@
 """``hisparc_datastore.serve``: the upload function under gunicorn with our limits.
 
-The server here runs as the images run it, with a short idle timeout (the
+The server here runs as the images run it, with each of its two workers (``WORKER_TYPE``:
+``async``, the image's, and ``threads``, the way back), with a short idle timeout (the
 ``IDLE_TIMEOUT_SECONDS`` knob) so the stalls below end quickly, a short keep-alive
 (``KEEPALIVE_SECONDS``, longer than the idle timeout as in production) so an idle
-kept-alive connection is closed within the test, and as many threads as there are stalled
-clients, so a station can only be served once a stall has been freed.  Nothing is
+kept-alive connection is closed within the test, and for the threaded worker as many
+threads as there are stalled clients, so a station can only be served once a stall has
+been freed (the async worker holds no thread per client).  Nothing is
 asserted about how long anything takes at most: a stall that is never freed shows as a
 station that is never answered (a hang guard of a minute fails the test), and a stalled
 socket that the server never closes shows as a client read that times out.
@@ -15,6 +17,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import http.client
+import io
 import itertools
 import os
 import signal
@@ -39,6 +42,7 @@ from gunicorn.workers.gthread import ThreadWorker
 from hisparc_datastore_dev.processes import Served, serve_function
 from hisparc_datastore_dev.py2pickle import dumps_py2
 from test_upload_http import (
+    MAX_BODY,
     PASSWORD,
     STATION,
     batch,
@@ -48,7 +52,7 @@ from test_upload_http import (
     write_config,
 )
 
-from hisparc_datastore import cli, serve
+from hisparc_datastore import cli, serve, serve_async
 from hisparc_datastore.format.keys import incoming_key
 from hisparc_datastore.storage.store import Bucket
 
@@ -86,6 +90,7 @@ _seeds = itertools.count(1000)
 class Upload:
     served: Served
     bucket: Bucket
+    worker_type: str
 
     def code_lines(self) -> int:
         """How many requests reached the function (it logs one ``code=`` line each)."""
@@ -109,17 +114,20 @@ def form(data: bytes) -> bytes:
                                    "checksum": md5(data)}).encode("ascii")
 
 
-@pytest.fixture(scope="module")
-def upload(s3_endpoint: S3Endpoint, tmp_path_factory: pytest.TempPathFactory
-           ) -> Iterator[Upload]:
+WORKER_TYPES = ("async", "threads")
+
+
+@pytest.fixture(scope="module", params=WORKER_TYPES)
+def upload(request: pytest.FixtureRequest, s3_endpoint: S3Endpoint,
+           tmp_path_factory: pytest.TempPathFactory) -> Iterator[Upload]:
     directory = tmp_path_factory.mktemp("serve")
     config, bucket = upload_site(directory, s3_endpoint, "serve")
     env = server_environment(config, s3_endpoint, WORKERS="1", THREADS=str(THREADS),
                              IDLE_TIMEOUT_SECONDS=str(IDLE), KEEPALIVE_SECONDS=str(KEEPALIVE),
-                             GUNICORN_LOG_LEVEL="info")
+                             GUNICORN_LOG_LEVEL="info", WORKER_TYPE=request.param)
     served = serve_function(SOURCE, "upload", env, directory / "upload.log", cwd=ROOT)
     try:
-        yield Upload(served, bucket)
+        yield Upload(served, bucket, request.param)
     finally:
         served.stop()
     assert "Traceback" not in served.log()
@@ -137,6 +145,13 @@ def read_answer(sock: socket.socket) -> tuple[int, str] | None:
         return response.status, response.read().decode("latin-1")
     except (http.client.RemoteDisconnected, ConnectionResetError):
         return None
+
+
+def test_the_worker_asked_for_serves(upload: Upload) -> None:
+    """``WORKER_TYPE``: uvicorn's worker logs its application's start, gunicorn's does not."""
+    assert requests.get(upload.served.url, timeout=GUARD).status_code == 200
+    started = "Application startup complete" in upload.served.log()
+    assert started is (upload.worker_type == "async")
 
 
 # --- R2: stalled clients -------------------------------------------------------------------
@@ -241,8 +256,9 @@ def test_a_connection_idle_beyond_the_keep_alive_is_closed_by_the_server(
     assert time.monotonic() - waited_from > KEEPALIVE - 1
 
 
+@pytest.mark.parametrize("worker_type", WORKER_TYPES)
 def test_a_connection_that_never_sends_gets_the_idle_timeout_not_the_keep_alive(
-    s3_endpoint: S3Endpoint, tmp_path: Path
+    s3_endpoint: S3Endpoint, tmp_path: Path, worker_type: str
 ) -> None:
     """gunicorn parks a silent new connection with the keep-alive timeout; with the long
     keep-alive a stalled client would keep it for that long.  It is closed after the idle
@@ -250,11 +266,18 @@ def test_a_connection_that_never_sends_gets_the_idle_timeout_not_the_keep_alive(
     config = write_config(tmp_path, s3_endpoint, f"serve-{uuid.uuid4().hex[:10]}")
     env = server_environment(config, s3_endpoint, WORKERS="1", THREADS="2",
                              IDLE_TIMEOUT_SECONDS=str(IDLE),
-                             KEEPALIVE_SECONDS=str(int(10 * GUARD)))
+                             KEEPALIVE_SECONDS=str(int(10 * GUARD)),
+                             WORKER_TYPE=worker_type)
     served = serve_function(SOURCE, "upload", env, tmp_path / "upload.log", cwd=ROOT)
     try:
         with socket.create_connection(("127.0.0.1", served.port), timeout=GUARD) as sock:
             assert_closed_by_server(sock, "a silent connection")
+        # Nor does a blank line between two requests start a wait of the keep-alive time.
+        with socket.create_connection(("127.0.0.1", served.port), timeout=GUARD) as sock:
+            answer = get(sock)
+            assert answer is not None and answer[0] == 200
+            sock.sendall(b"\r\n")
+            assert_closed_by_server(sock, "a connection silent after a blank line")
         # Still serving, and kept-alive connections are not affected.
         with socket.create_connection(("127.0.0.1", served.port), timeout=GUARD) as sock:
             first = get(sock)
@@ -275,8 +298,10 @@ def _send_quietly(sock: socket.socket, raw: bytes) -> None:
 
 
 @pytest.mark.parametrize("length", [serve.LIMIT_REQUEST_LINE + 1, 16 * 1024, 8 * 1024 * 1024])
-def test_an_overlong_request_line_is_refused_by_gunicorn(upload: Upload, length: int) -> None:
-    """gunicorn answers 414 after reading the limit, and the function is never called.
+def test_an_overlong_request_line_is_refused_before_the_function(
+    upload: Upload, length: int
+) -> None:
+    """The server answers 414 after reading the limit, and the function is never called.
 
     Without the limit an 8 MiB line cost 14 s of CPU to parse (docs/SECURITY.md R4).
     With a long line the client may still be sending when the server closes, so the
@@ -306,6 +331,87 @@ def test_a_request_line_at_the_limit_reaches_the_function(upload: Upload) -> Non
     assert len(f"GET {path} HTTP/1.1") == serve.LIMIT_REQUEST_LINE
     answer = requests.get(upload.served.url.rstrip("/") + path, timeout=GUARD)
     assert answer.status_code == 200 and "HiSPARC" in answer.text
+
+
+def _head(*fields: str, line: str = "POST / HTTP/1.1") -> bytes:
+    return ("\r\n".join((line, "Host: 127.0.0.1", *fields)) + "\r\n\r\n").encode("latin-1")
+
+
+HEADER_CASES = {
+    "one field too many": _head(*(f"X-Field-{n}: {n}" for n in range(serve.LIMIT_REQUEST_FIELDS))),
+    "a field over the size limit": _head("X-Big: " + "a" * serve.LIMIT_REQUEST_FIELD_SIZE),
+    "a field of 8 MiB": _head("X-Big: " + "a" * (8 * 1024 * 1024)),
+    "a head of 2 MiB in short fields": _head(*(f"X-{n}: {'a' * 100}" for n in range(20_000))),
+}
+
+
+@pytest.mark.parametrize("case", HEADER_CASES)
+def test_header_fields_over_the_limits_are_refused_before_the_function(
+    upload: Upload, case: str
+) -> None:
+    """431, as gunicorn answers, and the function is never called; the server serves on."""
+    calls = upload.code_lines()
+    raw = HEADER_CASES[case]
+    with connect(upload) as sock:
+        sender = threading.Thread(target=_send_quietly, args=(sock, raw))
+        sender.start()
+        answer = read_answer(sock)
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
+        sender.join(GUARD)
+    if len(raw) < 64 * 1024:
+        assert answer is not None and answer[0] == 431, answer
+    else:  # the server may close while the client still sends: a reset can lose the answer
+        assert answer is None or answer[0] == 431, answer
+    upload.station_upload()
+    assert upload.code_lines() == calls + 1
+
+
+def test_a_head_at_the_limits_reaches_the_function(upload: Upload) -> None:
+    fields = [f"X-Field-{n}: {n}" for n in range(serve.LIMIT_REQUEST_FIELDS - 2)]
+    big = "X-Big: " + "a" * (serve.LIMIT_REQUEST_FIELD_SIZE - len("X-Big: ") - 2)
+    with connect(upload) as sock:  # with Host and X-Big: exactly the field count limit
+        sock.sendall(_head(*fields, big, line="GET / HTTP/1.1"))
+        answer = read_answer(sock)
+    assert answer is not None and answer[0] == 200 and "HiSPARC" in answer[1], answer
+
+
+def test_an_answer_that_leaves_the_body_unread_reaches_a_client_still_sending(
+    upload: Upload
+) -> None:
+    """A body over the limit is answered before it is read, while the client still sends
+    it: the client gets the whole answer, not a reset."""
+    length = MAX_BODY + 1
+    head = (f"POST / HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: {FORM}\r\n"
+            f"Content-Length: {length}\r\n\r\n").encode()
+    with connect(upload) as sock:
+        sock.sendall(head)
+        sender = threading.Thread(target=_send_quietly, args=(sock, b"a" * length))
+        sender.start()
+        answer = read_answer(sock)
+        sender.join(GUARD)
+    assert answer == (413, "400")
+    upload.station_upload()
+
+
+class _KeptOpen(io.BufferedReader):
+    def close(self) -> None:
+        pass
+
+
+def test_pipelined_requests_are_answered_in_order(upload: Upload) -> None:
+    """Also when what follows a request does not parse: that request's answer, then 400."""
+    with connect(upload) as sock:
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: a\r\n\r\nGET /robots.txt HTTP/1.1\r\n"
+                     b"Host: a\r\n\r\nGARBAGE\x00\r\n\r\n")
+        # One buffered reader for all three (each HTTPResponse would read ahead on its own
+        # and close it after its body).
+        stream = _KeptOpen(socket.SocketIO(sock, "rb"))
+        shared = types.SimpleNamespace(makefile=lambda *args, **kwargs: stream)
+        first, second, third = (read_answer(shared) for _ in range(3))  # type: ignore[arg-type]
+    assert first is not None and first[0] == 200 and "HiSPARC" in first[1], first
+    assert second is not None and second[0] == 404, second
+    assert third is not None and third[0] == 400, third
 
 
 def test_a_closed_connection_ends_with_the_answer_and_a_fin_not_a_reset() -> None:
@@ -367,9 +473,17 @@ def test_options_read_the_environment_as_functions_framework_does() -> None:
     assert settings["keepalive"] == 120
     assert settings["worker_class"].idle_timeout == 4.0
     assert issubclass(settings["worker_class"], serve.IdleTimeoutWorker)
+    assert options.worker_type == "auto"
+    assert serve.options(_args(), {"WORKER_TYPE": "threads"}).worker_type == "threads"
+    guarded = options.gunicorn(asynchronous=True)["worker_class"]
+    assert issubclass(guarded, serve_async.GuardedUvicornWorker)
+    protocol = guarded.CONFIG_KWARGS["http"]
+    assert (protocol.idle_timeout, protocol.limit_request_line, protocol.limit_request_fields,
+            protocol.limit_request_field_size) == (4.0, 4094, 100, 8190)
+    assert (guarded.CONFIG_KWARGS["loop"], guarded.CONFIG_KWARGS["ws"]) == ("uvloop", "none")
     for bad in ({"IDLE_TIMEOUT_SECONDS": "0"}, {"THREADS": "many"}, {"WORKERS": "-1"},
                 {"CLOUD_RUN_TIMEOUT_SECONDS": "soon"}, {"KEEPALIVE_SECONDS": "0"},
-                {"KEEPALIVE_SECONDS": "1.5"}):
+                {"KEEPALIVE_SECONDS": "1.5"}, {"WORKER_TYPE": "gevent"}):
         with pytest.raises(ValueError, match=next(iter(bad))):
             serve.options(_args(), bad)
 
@@ -381,12 +495,14 @@ def test_datastore_serve_is_a_subcommand() -> None:
     assert args._module is serve
 
 
+@pytest.mark.parametrize("worker_type", WORKER_TYPES)
 def test_sigterm_to_the_server_alone_stops_it_gracefully(
-    s3_endpoint: S3Endpoint, tmp_path: Path
+    s3_endpoint: S3Endpoint, tmp_path: Path, worker_type: str
 ) -> None:
     """As Docker and Kubernetes stop PID 1: the signal to the launcher only, exit 0."""
     config = write_config(tmp_path, s3_endpoint, f"serve-{uuid.uuid4().hex[:10]}")
-    env = server_environment(config, s3_endpoint, WORKERS="2", THREADS="2")
+    env = server_environment(config, s3_endpoint, WORKERS="2", THREADS="2",
+                             WORKER_TYPE=worker_type)
     served = serve_function(SOURCE, "upload", env, tmp_path / "upload.log", cwd=ROOT)
     try:
         assert requests.get(served.url, timeout=GUARD).status_code == 200
@@ -397,6 +513,38 @@ def test_sigterm_to_the_server_alone_stops_it_gracefully(
             pytest.fail(f"still running {GUARD:.0f} s after SIGTERM")
     finally:
         served.stop()
+    assert "Traceback" not in served.log()
+
+
+@pytest.mark.parametrize("worker_type", WORKER_TYPES)
+def test_an_upload_in_flight_at_sigterm_is_answered_and_stored(
+    s3_endpoint: S3Endpoint, tmp_path: Path, worker_type: str
+) -> None:
+    """A rollout stops the old pod with SIGTERM while a station is still sending: its
+    upload completes (``100``, stored) before the server exits."""
+    config, bucket = upload_site(tmp_path, s3_endpoint, "serve-term")
+    env = server_environment(config, s3_endpoint, WORKERS="1", THREADS="2",
+                             GUNICORN_LOG_LEVEL="info", WORKER_TYPE=worker_type)
+    served = serve_function(SOURCE, "upload", env, tmp_path / "upload.log", cwd=ROOT)
+    data = dumps_py2(batch(3, seed=next(_seeds)))
+    body = form(data)
+    head = (f"POST / HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: {FORM}\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode()
+    try:
+        with socket.create_connection(("127.0.0.1", served.port), timeout=GUARD) as sock:
+            sock.sendall(head + body[: len(body) // 2])
+            time.sleep(0.5)  # the request is being read when the signal comes
+            served.process.send_signal(signal.SIGTERM)
+            time.sleep(0.5)
+            sock.sendall(body[len(body) // 2 :])
+            assert read_answer(sock) == (200, "100")
+        try:
+            assert served.process.wait(GUARD) == 0
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"still running {GUARD:.0f} s after SIGTERM")
+    finally:
+        served.stop()
+    assert bucket.head(incoming_key(STATION, md5(data))) is not None
     assert "Traceback" not in served.log()
 
 
@@ -431,6 +579,44 @@ def test_a_function_with_its_own_wsgi_app_is_served_through_it(tmp_path: Path) -
     plain = functions_framework.create_app("plain", str(source))
     assert serve.function_app(plain) is plain
     assert serve.function_app(object()) is not None  # anything else: served as it is
+
+
+def test_a_function_with_its_own_asgi_app_is_served_through_it_unless_told_otherwise(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``asgi_app`` is found as ``wsgi_app`` is; ``WORKER_TYPE=async`` for a function
+    without one stops the launch with a message, before anything is served."""
+    import functions_framework
+
+    source = tmp_path / f"function_{uuid.uuid4().hex}.py"
+    source.write_text(textwrap.dedent('''
+        import functions_framework
+
+        async def direct(scope, receive, send):
+            pass
+
+        @functions_framework.http
+        def own(request):
+            return "flask"
+
+        own.asgi_app = direct
+
+        @functions_framework.http
+        def plain(request):
+            return "flask"
+        '''))
+    own = functions_framework.create_app("own", str(source))
+    assert serve.function_asgi_app(own) is sys.modules[source.stem].direct
+    assert serve.function_asgi_app(functions_framework.create_app("plain", str(source))) is None
+    assert serve.function_asgi_app(object()) is None
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path / "metrics"))
+    monkeypatch.setenv("IDLE_TIMEOUT_SECONDS", "30")
+    monkeypatch.setenv("WORKER_TYPE", "async")
+    monkeypatch.setenv("METRICS_PORT", "0")
+    parser = argparse.ArgumentParser()
+    serve.add_arguments(parser)
+    args = parser.parse_args(["--source", str(source), "--target", "plain"])
+    assert serve.run(args) == 2
 
 
 def test_the_heartbeat_is_touched_at_most_every_half_second(

@@ -4,19 +4,21 @@ A thin shell around :func:`hisparc_datastore.upload.handle_upload`: it reads the
 within ``[Upload] max_body_bytes``, calls the core, and turns the answer into the
 protocol's ``text/plain`` response with one log line.  Decisions made here:
 
-- The shell works on the request's WSGI environ (:func:`serve_request`), and comes in two
-  wrappers that answer byte for byte alike: :func:`upload`, the functions-framework
-  function (``functions-framework --target upload``, for development), and
-  :func:`application`, a plain WSGI application, which the image's launcher
-  (:mod:`hisparc_datastore.serve`) serves instead of functions-framework's Flask app
-  because ``upload.wsgi_app`` names it.  Flask's dispatch (request and app contexts,
-  routing, hooks, response conversion) cost more per request than everything the function
-  does for a one-event batch but its decoding (docs/PERFORMANCE.md, "The single-event
-  upload"); the WSGI application does what of it the upload needs: the body through
-  werkzeug's own input stream, ``Content-Type`` and ``Content-Length`` headers, no body
-  for ``HEAD``, and functions-framework's ``404`` for ``/robots.txt`` and
-  ``/favicon.ico``.  A third wrapper, :func:`asgi_application`, answers alike as an ASGI
-  application with the put awaited; the image does not serve it yet (its docstring).
+- The shell comes in three wrappers that answer alike (status, body, ``Content-Type``, a
+  ``Content-Length`` or none; tests/test_upload_wsgi.py compares them request by request):
+  :func:`asgi_application`, what the image's launcher (:mod:`hisparc_datastore.serve`)
+  serves with its async worker because ``upload.asgi_app`` names it: a request waiting
+  for its body or for the bucket is a coroutine, not a thread, and the put is awaited;
+  :func:`application`, a plain WSGI application over the request's environ
+  (:func:`serve_request`), which the launcher serves with gunicorn's threaded worker when
+  ``WORKER_TYPE=threads`` (the way back, should the async worker misbehave); and
+  :func:`upload`, the functions-framework function (``functions-framework --target
+  upload``, for development).  Flask's dispatch (request and app contexts, routing, hooks,
+  response conversion) cost more per request than everything the function does for a
+  one-event batch but its decoding (docs/PERFORMANCE.md, "The single-event upload"), so
+  the other two do only what of it the upload needs: the body read within the limit,
+  ``Content-Type`` and ``Content-Length`` headers, no body for ``HEAD``, and
+  functions-framework's ``404`` for ``/robots.txt`` and ``/favicon.ico``.
 
 - Configuration is loaded when the module is imported, which functions-framework does
   before it starts serving: a bad or missing key stops the process with a message naming
@@ -267,7 +269,8 @@ def upload(request: flask.Request) -> flask.Response:
     return flask.Response(content, status=status, mimetype=MIMETYPE)
 
 
-#: The launcher serves this instead of functions-framework's Flask app (the docstring).
+#: With WORKER_TYPE=threads the launcher serves this instead of functions-framework's
+#: Flask app (the docstring).
 upload.wsgi_app = application  # type: ignore[attr-defined]
 
 
@@ -285,13 +288,11 @@ async def asgi_application(scope: dict[str, Any], receive: Receive, send: Send) 
     answers (status, body, ``Content-Type``, a ``Content-Length`` or none), with the put
     made by :meth:`~hisparc_datastore.storage.store.Bucket.put_async`.
 
-    Not what the image serves yet.  Under gunicorn with uvicorn's worker it costs
-    0.92-1.06x the reference's CPU per one-event upload, where the threaded worker costs
-    1.09-1.21x (bench/upload_asgi.py): a request
-    waiting for its body or for the bucket is a coroutine, not a thread
-    (docs/PERFORMANCE.md, "The single-event upload", with what serving it still needs).
-    Each read of the body waits at most ``IDLE_TIMEOUT_SECONDS`` for the client, as the
-    launcher's idle timeout does for the threaded worker.
+    What the image serves (the launcher's async worker, :mod:`hisparc_datastore.serve_async`).
+    It costs about the reference's CPU per one-event upload, where the threaded worker
+    costs 1.1-1.2x (docs/PERFORMANCE.md, "The single-event upload").  Each read of the
+    body waits at most ``IDLE_TIMEOUT_SECONDS`` for the client: only the application
+    knows it is waiting for a body, so this is the async worker's stalled-body guard.
     """
     if scope["type"] == "lifespan":
         await _lifespan(receive, send)
@@ -390,6 +391,10 @@ async def _lifespan(receive: Receive, send: Send) -> None:
         elif message["type"] == "lifespan.shutdown":
             await send({"type": "lifespan.shutdown.complete"})
             return
+
+
+#: The launcher serves this with its async worker (the docstring).
+upload.asgi_app = asgi_application  # type: ignore[attr-defined]
 
 
 def _count(answer: core.UploadAnswer, seconds: float) -> None:

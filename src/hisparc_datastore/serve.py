@@ -116,6 +116,12 @@ DRAIN_READS = 16
 HEARTBEAT_SECONDS = 0.5
 #: The attribute of a function that names its own WSGI application (:func:`function_app`).
 WSGI_APP_ATTRIBUTE = "wsgi_app"
+#: ... and its own ASGI application (:func:`function_asgi_app`), served by the async worker.
+ASGI_APP_ATTRIBUTE = "asgi_app"
+#: Which worker serves the function: ``async`` (its ASGI application, the default where it
+#: has one) or ``threads`` (gunicorn's threaded worker with the WSGI application).
+WORKER_TYPE_ENV = "WORKER_TYPE"
+WORKER_TYPES = ("auto", "async", "threads")
 #: Settings only newer gunicorns know, left out where the installed one lacks them.
 NEWER_GUNICORN_SETTINGS = frozenset({"control_socket_disable"})  # gunicorn >= 25.1
 
@@ -254,17 +260,31 @@ class ServeOptions:
     metrics_port: int = DEFAULT_METRICS_PORT
     #: HTTPS with this certificate chain and key (PEM), or plain HTTP when None.
     tls: tuple[Path, Path] | None = None
+    #: One of :data:`WORKER_TYPES`; ``auto`` is ``async`` for a function with an ASGI app.
+    worker_type: str = "auto"
 
-    def gunicorn(self) -> dict[str, Any]:
-        """The gunicorn settings; ``timeout`` is the worker heartbeat, 0 (none) by default."""
+    def gunicorn(self, asynchronous: bool = False) -> dict[str, Any]:
+        """The gunicorn settings; ``timeout`` is the worker heartbeat, 0 (none) by default.
+
+        ``asynchronous``: the async worker (:mod:`hisparc_datastore.serve_async`) for an
+        ASGI application, else the threaded worker for a WSGI one.
+        """
         tls = {} if self.tls is None else {"certfile": str(self.tls[0]),
                                            "keyfile": str(self.tls[1])}
+        if asynchronous:
+            from hisparc_datastore import serve_async  # uvicorn: only the upload's image
+
+            worker: type = serve_async.worker_class(
+                self.idle_timeout, LIMIT_REQUEST_LINE, LIMIT_REQUEST_FIELDS,
+                LIMIT_REQUEST_FIELD_SIZE)
+        else:
+            worker = worker_class(self.idle_timeout)
         return tls | {
             "bind": f"{self.host}:{self.port}",
             "workers": self.workers,
             "threads": self.threads,
             "keepalive": self.keepalive,
-            "worker_class": worker_class(self.idle_timeout),
+            "worker_class": worker,
             "logger_class": IdleTimeoutLogger,
             "timeout": self.worker_timeout,
             "loglevel": self.loglevel,
@@ -310,7 +330,15 @@ def options(args: argparse.Namespace, environ: Mapping[str, str]) -> ServeOption
         metrics_port=_port(environ.get(METRICS_PORT_ENV, str(DEFAULT_METRICS_PORT)),
                            METRICS_PORT_ENV),
         tls=_tls(environ),
+        worker_type=_choice(environ.get(WORKER_TYPE_ENV, "auto"), WORKER_TYPE_ENV,
+                            WORKER_TYPES),
     )
+
+
+def _choice(value: str, name: str, choices: Sequence[str]) -> str:
+    if value not in choices:
+        raise ValueError(f"{name} = {value!r} must be one of {', '.join(choices)}")
+    return value
 
 
 def _tls(environ: Mapping[str, str]) -> tuple[Path, Path] | None:
@@ -420,6 +448,21 @@ def function_app(app: Any) -> Any:
     return app
 
 
+def function_asgi_app(app: Any) -> Any | None:
+    """The function's own ASGI application (``function.asgi_app``), or None.
+
+    Found as :func:`function_app` finds ``wsgi_app``.  The upload function has one: it
+    answers what its WSGI application answers, with the bucket's put awaited.
+    """
+    view = getattr(app, "view_functions", {}).get("run")
+    while view is not None:
+        own = getattr(view, ASGI_APP_ATTRIBUTE, None)
+        if callable(own):
+            return own
+        view = getattr(view, "__wrapped__", None)
+    return None
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--source", required=True,
                         help="the function's file, e.g. functions/upload/main.py")
@@ -442,8 +485,16 @@ def run(args: argparse.Namespace) -> int:
         print(f"datastore serve: {exc}", file=sys.stderr)
         return 2
     prepare_metrics_dir()
+    # The function reads it too: an ASGI application times out its own body reads.
+    os.environ[IDLE_TIMEOUT_ENV] = f"{settings.idle_timeout:g}"
     # Imports the source (configuration is loaded there: an error exits with its message).
-    app = function_app(functions_framework.create_app(settings.target, str(settings.source)))
+    flask_app = functions_framework.create_app(settings.target, str(settings.source))
+    asgi_app = None if settings.worker_type == "threads" else function_asgi_app(flask_app)
+    if settings.worker_type == "async" and asgi_app is None:
+        print(f"datastore serve: {WORKER_TYPE_ENV}=async, but {settings.target} has no "
+              f"ASGI application ({ASGI_APP_ATTRIBUTE})", file=sys.stderr)
+        return 2
+    app = asgi_app if asgi_app is not None else function_app(flask_app)
     if settings.metrics_port:
         try:
             serve_metrics(settings.metrics_host, settings.metrics_port)
@@ -451,7 +502,8 @@ def run(args: argparse.Namespace) -> int:
             print(f"datastore serve: metrics port {settings.metrics_port}: {exc}",
                   file=sys.stderr)
             return 2
-    FunctionApplication(app, settings.gunicorn()).run()  # returns only by sys.exit
+    gunicorn_settings = settings.gunicorn(asynchronous=asgi_app is not None)
+    FunctionApplication(app, gunicorn_settings).run()  # returns only by sys.exit
     return 0
 
 
