@@ -248,8 +248,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="smaller runs of everything")
     parser.add_argument("--cold-starts", type=int, default=5)
     parser.add_argument("--only", nargs="*", default=None,
-                        choices=["upload", "cold", "writer", "reference", "replay", "e2e",
-                                 "memory"])
+                        choices=["upload", "upload-cpu", "cold", "writer", "reference",
+                                 "replay", "e2e", "memory"])
     args = parser.parse_args(argv)
     quick = ["--quick"] if args.quick else []
 

@@ -20,7 +20,13 @@ Three servers run on loopback for the whole run, each as it is deployed:
   per request before the upload does anything;
 - **floor-wsgi**: the same empty function carrying a plain WSGI application as
   ``wsgi_app`` (as the upload function does, so the launcher serves that instead of
-  Flask): what gunicorn and the launcher alone cost per request.  Shown, not a target.
+  Flask): what gunicorn and the launcher alone cost per request.  Shown, not a target;
+- **floor-asgi**: the same empty function carrying an ASGI application as ``asgi_app``,
+  served by the async worker as ours is: what gunicorn's arbiter, uvicorn's HTTP and the
+  launcher's guards cost per request.  Shown, not a target.
+
+The floors run with ``WORKER_TYPE`` unset (the threaded worker for the first two, the
+async one for the third), ours as the image sets it.
 
 Each round gives every server (in an order rotated per round) a warm-up and then
 ``--uploads`` 1-event uploads (a Python 3 client's numpy-flavoured CIC event, ``data`` as
@@ -78,7 +84,7 @@ BIN = Path(sys.executable).parent
 SOURCE = ROOT / "functions" / "upload" / "main.py"
 IMAGE_CONFIG = ROOT / "functions" / "config.ini"
 BUCKET = "bench-upload-cpu"
-SERVERS = ("reference", "ours", "ours-threads", "floor", "floor-wsgi")
+SERVERS = ("reference", "ours", "ours-threads", "floor", "floor-wsgi", "floor-asgi")
 #: ours may cost this much more than the floor, when the floor is above the reference.
 FLOOR_MARGIN_MS = 0.3
 FLOOR_SOURCE = '''"""The floor: a function that answers 100 and does nothing else."""
@@ -99,6 +105,22 @@ def application(environ, start_response):
 
 
 floor.wsgi_app = application
+'''
+FLOOR_ASGI_SOURCE = FLOOR_SOURCE + '''
+
+async def application(scope, receive, send):
+    if scope["type"] != "http":
+        return
+    more = True
+    while more:
+        more = (await receive()).get("more_body", False)
+    await send({"type": "http.response.start", "status": 200,
+                "headers": [(b"content-type", b"text/plain; charset=utf-8"),
+                            (b"content-length", b"3")]})
+    await send({"type": "http.response.body", "body": b"100"})
+
+
+floor.asgi_app = application
 '''
 
 
@@ -411,6 +433,9 @@ def main() -> int:
         floor_wsgi_source = work / "floor-wsgi" / "main.py"
         floor_wsgi_source.parent.mkdir()
         floor_wsgi_source.write_text(FLOOR_WSGI_SOURCE)
+        floor_asgi_source = work / "floor-asgi" / "main.py"
+        floor_asgi_source.parent.mkdir()
+        floor_asgi_source.write_text(FLOOR_ASGI_SOURCE)
         s3 = SeaweedS3(work / "seaweedfs", "bench-access", "bench-secret-" + os.urandom(8).hex())
         s3.start()
         servers: dict[str, tuple[int, subprocess.Popen[bytes]]] = {}
@@ -419,6 +444,11 @@ def main() -> int:
                    secret_key=s3.secret_key).ensure_exists()
             base = {k: v for k, v in os.environ.items()
                     if not k.startswith(("DATASTORE_", "AWS_", "PROMETHEUS_"))}
+            def floor_env() -> dict[str, str]:  # each its own metrics port
+                env = image_environment(base, work, s3, stations)
+                del env["WORKER_TYPE"]  # each floor gets the worker for what it has
+                return env
+
             commands = {
                 "reference": (
                     [str(BIN / "gunicorn"), "--chdir", str(HERE), "--workers", "2",
@@ -431,10 +461,11 @@ def main() -> int:
                 "ours-threads": (serve_command(SOURCE, "upload", "127.0.0.1", 0),
                                  {**image_environment(base, work, s3, stations),
                                   "WORKER_TYPE": "threads"}),
-                "floor": (serve_command(floor_source, "floor", "127.0.0.1", 0),
-                          image_environment(base, work, s3, stations)),
+                "floor": (serve_command(floor_source, "floor", "127.0.0.1", 0), floor_env()),
                 "floor-wsgi": (serve_command(floor_wsgi_source, "floor", "127.0.0.1", 0),
-                               image_environment(base, work, s3, stations)),
+                               floor_env()),
+                "floor-asgi": (serve_command(floor_asgi_source, "floor", "127.0.0.1", 0),
+                               floor_env()),
             }
             start_servers(servers, {name: commands[name] for name in args.only}, bodies[0],
                           work)
@@ -463,8 +494,8 @@ def main() -> int:
 
     figures = {name: median(name) for name in args.only}
     s3_ms = median("ours", "s3_cpu_ms") if "ours" in args.only else float("nan")
-    reference, ours, ours_threads, floor, floor_wsgi = (figures.get(n, float("nan"))
-                                                        for n in SERVERS)
+    reference, ours, ours_threads, floor, floor_wsgi, floor_asgi = (
+        figures.get(n, float("nan")) for n in SERVERS)
     target = target_ms(reference, floor)
 
     print()
@@ -489,7 +520,10 @@ def main() -> int:
     print(f"  floor (an empty function, same launcher)           {floor:6.2f}   "
           f"{floor / reference:.2f}x the reference")
     print(f"  floor-wsgi (the same, as a plain WSGI app)         {floor_wsgi:6.2f}   "
-          f"{floor_wsgi / reference:.2f}x the reference, ours {ours - floor_wsgi:+.2f} ms over it")
+          f"{floor_wsgi / reference:.2f}x the reference, "
+          f"ours-threads {ours_threads - floor_wsgi:+.2f} ms over it")
+    print(f"  floor-asgi (the same, as ASGI, the async worker)   {floor_asgi:6.2f}   "
+          f"{floor_asgi / reference:.2f}x the reference, ours {ours - floor_asgi:+.2f} ms over it")
     print(f"  S3 server (SeaweedFS) during ours                  {s3_ms:6.2f}")
     rule = ("the reference's" if reference >= floor + FLOOR_MARGIN_MS
             else f"the floor + {FLOOR_MARGIN_MS} ms, above the reference's")

@@ -394,6 +394,22 @@ def test_an_answer_that_leaves_the_body_unread_reaches_a_client_still_sending(
     upload.station_upload()
 
 
+def test_a_head_request_is_answered_without_a_body_on_a_kept_alive_connection(
+    upload: Upload
+) -> None:
+    connection = http.client.HTTPConnection("127.0.0.1", upload.served.port, timeout=GUARD)
+    try:
+        for method in ("HEAD", "GET", "HEAD"):
+            connection.request(method, "/")
+            response = connection.getresponse()
+            body = response.read()
+            assert response.status == 200, method
+            assert response.getheader("Content-Type") == "text/plain; charset=utf-8"
+            assert (body == b"") is (method == "HEAD"), (method, body)
+    finally:
+        connection.close()
+
+
 class _KeptOpen(io.BufferedReader):
     def close(self) -> None:
         pass

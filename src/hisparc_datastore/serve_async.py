@@ -252,6 +252,9 @@ class GuardedUvicornWorker(UvicornWorker):
     CONFIG_KWARGS: ClassVar[dict[str, Any]] = {
         "loop": "uvloop", "http": GuardedHttpProtocol, "ws": "none", "lifespan": "on",
         "server_header": False,
+        # X-Forwarded-* are not read: no answer depends on the client's address, and the
+        # middleware would run for every request.
+        "proxy_headers": False,
     }
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
