@@ -222,11 +222,19 @@ def _environment() -> dict[str, str]:
 
 
 def datastore(*args: str, cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "hisparc_datastore.cli", *args],
-        cwd=cwd, env=_environment(), capture_output=True, text=True, timeout=timeout,
-        check=False,
-    )
+    try:
+        return subprocess.run(
+            [sys.executable, "-m", "hisparc_datastore.cli", *args],
+            cwd=cwd, env=_environment(), capture_output=True, text=True, timeout=timeout,
+            check=False,
+        )
+    except subprocess.TimeoutExpired as exc:  # what the stack's functions logged meanwhile
+        state = Path(args[args.index("--state-dir") + 1]) if "--state-dir" in args else None
+        logs = sorted(state.glob("logs/*.log")) if state else []
+        tails = "\n".join(f"--- {log.name}\n" + "\n".join(
+            log.read_text(errors="replace").splitlines()[-25:]) for log in logs)
+        raise AssertionError(f"datastore {' '.join(args[:1])} ran over {timeout:.0f} s; "
+                             f"output: {exc.stdout!r} {exc.stderr!r}\n{tails}") from exc
 
 
 def wait_for(what: str, probe: Callable[[], T | None], timeout: float = 90) -> T:

@@ -567,31 +567,42 @@ def test_an_upload_in_flight_at_sigterm_is_answered_and_stored(
 # --- per-request work of the worker and the app it serves ----------------------------------
 
 
-def test_a_function_with_its_own_wsgi_app_is_served_through_it(tmp_path: Path) -> None:
-    """functions-framework wraps the function for its Flask view with functools.wraps, which
-    carries ``wsgi_app`` over; a function without one is served through Flask."""
-    import functions_framework
-
+def _functions(tmp_path: Path) -> Path:
+    """A source with a function with its own WSGI and ASGI applications, and one with
+    neither; functions-framework imports it as a module named after the file."""
     source = tmp_path / f"function_{uuid.uuid4().hex}.py"  # not "main": other tests' module
     source.write_text(textwrap.dedent('''
         import functions_framework
 
-        def direct(environ, start_response):
+        def direct_wsgi(environ, start_response):
             start_response("200 OK", [("Content-Type", "text/plain")])
             return [b"direct"]
+
+        async def direct_asgi(scope, receive, send):
+            pass
 
         @functions_framework.http
         def own(request):
             return "flask"
 
-        own.wsgi_app = direct
+        own.wsgi_app = direct_wsgi
+        own.asgi_app = direct_asgi
 
         @functions_framework.http
         def plain(request):
             return "flask"
         '''))
+    return source
+
+
+def test_a_function_with_its_own_wsgi_app_is_served_through_it(tmp_path: Path) -> None:
+    """functions-framework wraps the function for its Flask view with functools.wraps, which
+    carries ``wsgi_app`` over; a function without one is served through Flask."""
+    import functions_framework
+
+    source = _functions(tmp_path)
     own = functions_framework.create_app("own", str(source))
-    assert serve.function_app(own) is sys.modules[source.stem].direct
+    assert serve.function_app(own) is sys.modules[source.stem].direct_wsgi
     plain = functions_framework.create_app("plain", str(source))
     assert serve.function_app(plain) is plain
     assert serve.function_app(object()) is not None  # anything else: served as it is
@@ -604,26 +615,11 @@ def test_a_function_with_its_own_asgi_app_is_served_through_it_unless_told_other
     without one stops the launch with a message, before anything is served."""
     import functions_framework
 
-    source = tmp_path / f"function_{uuid.uuid4().hex}.py"
-    source.write_text(textwrap.dedent('''
-        import functions_framework
-
-        async def direct(scope, receive, send):
-            pass
-
-        @functions_framework.http
-        def own(request):
-            return "flask"
-
-        own.asgi_app = direct
-
-        @functions_framework.http
-        def plain(request):
-            return "flask"
-        '''))
+    source = _functions(tmp_path)
     own = functions_framework.create_app("own", str(source))
-    assert serve.function_asgi_app(own) is sys.modules[source.stem].direct
-    assert serve.function_asgi_app(functions_framework.create_app("plain", str(source))) is None
+    assert serve.function_asgi_app(own) is sys.modules[source.stem].direct_asgi
+    plain = functions_framework.create_app("plain", str(source))
+    assert serve.function_asgi_app(plain) is None
     assert serve.function_asgi_app(object()) is None
     monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path / "metrics"))
     monkeypatch.setenv("IDLE_TIMEOUT_SECONDS", "30")

@@ -439,13 +439,8 @@ def function_app(app: Any) -> Any:
     function for its view with :func:`functools.wraps`, which carries the attribute over
     (and ``__wrapped__``, followed here as well).
     """
-    view = getattr(app, "view_functions", {}).get("run")
-    while view is not None:
-        own = getattr(view, WSGI_APP_ATTRIBUTE, None)
-        if callable(own):
-            return own
-        view = getattr(view, "__wrapped__", None)
-    return app
+    own = _own_app(app, WSGI_APP_ATTRIBUTE)
+    return app if own is None else own
 
 
 def function_asgi_app(app: Any) -> Any | None:
@@ -454,9 +449,14 @@ def function_asgi_app(app: Any) -> Any | None:
     Found as :func:`function_app` finds ``wsgi_app``.  The upload function has one: it
     answers what its WSGI application answers, with the bucket's put awaited.
     """
+    return _own_app(app, ASGI_APP_ATTRIBUTE)
+
+
+def _own_app(app: Any, attribute: str) -> Any | None:
+    """The callable the function functions-framework's ``app`` serves names as ``attribute``."""
     view = getattr(app, "view_functions", {}).get("run")
     while view is not None:
-        own = getattr(view, ASGI_APP_ATTRIBUTE, None)
+        own = getattr(view, attribute, None)
         if callable(own):
             return own
         view = getattr(view, "__wrapped__", None)
