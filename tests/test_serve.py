@@ -430,6 +430,22 @@ def test_pipelined_requests_are_answered_in_order(upload: Upload) -> None:
     assert third is not None and third[0] == 400, third
 
 
+def test_a_pipelined_request_left_unread_is_answered_after_the_one_before(
+    upload: Upload
+) -> None:
+    """A body over the limit is refused unread and ends the connection, but only after the
+    answer to the request before it and its own."""
+    with connect(upload) as sock:
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n"
+                     + f"POST / HTTP/1.1\r\nHost: a\r\nContent-Type: {FORM}\r\n"
+                       f"Content-Length: {MAX_BODY + 1}\r\n\r\nstation_id=5".encode())
+        stream = _KeptOpen(socket.SocketIO(sock, "rb"))
+        shared = types.SimpleNamespace(makefile=lambda *args, **kwargs: stream)
+        first, second = (read_answer(shared) for _ in range(2))  # type: ignore[arg-type]
+    assert first is not None and first[0] == 200 and "HiSPARC" in first[1], first
+    assert second == (413, "400")
+
+
 def test_a_closed_connection_ends_with_the_answer_and_a_fin_not_a_reset() -> None:
     """The close half-closes and drains what the client already sent, without waiting.
 

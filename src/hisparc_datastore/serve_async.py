@@ -164,7 +164,9 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         super().on_headers_complete()
 
     def on_response_complete(self) -> None:
-        cycle = self.cycle
+        # The cycle answered is self.cycle unless requests wait in the pipeline: then it
+        # is an earlier one, whose body the parser has read to its end.
+        cycle = None if self.pipeline else self.cycle
         if cycle is not None and cycle.more_body and not self.transport.is_closing():
             self._end_after_unread_body()
         super().on_response_complete()
