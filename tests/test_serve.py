@@ -527,6 +527,14 @@ def test_datastore_serve_is_a_subcommand() -> None:
     assert args._module is serve
 
 
+def assert_exits_with_0(served: Served) -> None:
+    """After the SIGTERM sent to it: the launcher exits by itself, with 0."""
+    try:
+        assert served.process.wait(GUARD) == 0
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"still running {GUARD:.0f} s after SIGTERM")
+
+
 @pytest.mark.parametrize("worker_type", WORKER_TYPES)
 def test_sigterm_to_the_server_alone_stops_it_gracefully(
     s3_endpoint: S3Endpoint, tmp_path: Path, worker_type: str
@@ -539,10 +547,7 @@ def test_sigterm_to_the_server_alone_stops_it_gracefully(
     try:
         assert requests.get(served.url, timeout=GUARD).status_code == 200
         served.process.send_signal(signal.SIGTERM)
-        try:
-            assert served.process.wait(GUARD) == 0
-        except subprocess.TimeoutExpired:
-            pytest.fail(f"still running {GUARD:.0f} s after SIGTERM")
+        assert_exits_with_0(served)
     finally:
         served.stop()
     assert "Traceback" not in served.log()
@@ -570,10 +575,7 @@ def test_an_upload_in_flight_at_sigterm_is_answered_and_stored(
             time.sleep(0.5)
             sock.sendall(body[len(body) // 2 :])
             assert read_answer(sock) == (200, "100")
-        try:
-            assert served.process.wait(GUARD) == 0
-        except subprocess.TimeoutExpired:
-            pytest.fail(f"still running {GUARD:.0f} s after SIGTERM")
+        assert_exits_with_0(served)
     finally:
         served.stop()
     assert bucket.head(incoming_key(STATION, md5(data))) is not None
