@@ -2,7 +2,7 @@
 
 Issue 14, part 2: stations running PySPARC post one event per request, so the one-event
 path is the common one, and on shared cores its CPU per request is what bounds uploads/s.
-Three servers run on loopback for the whole run, each as it is deployed:
+Six servers run on loopback for the whole run, each as it is deployed:
 
 - **reference**: bench/reference_upload.py (form parsing, md5, plain ``pickle.loads``, a
   queue file) under gunicorn with 2 *sync* workers, as the reference datastore ran it;
@@ -336,23 +336,27 @@ def profile_round(port: int, pid: int, bodies: list[bytes], uploads: int, client
 
 
 #: The one-event path's steps: samples with a frame of the first names and none of the
-#: second (a frame is ``function (file:line)``; a name is the start of one).
-_APP = ("application (main.py", "Flask.__call__ (")
-_FUNCTION = ("serve_request (main.py",)
+#: second (a frame is ``function (file:line)``; a name is the start of one).  The app is
+#: the ASGI one under the async worker, the WSGI one (or Flask) under the threaded worker.
+_APP = ("asgi_application (main.py", "application (main.py", "Flask.__call__ (")
+_FUNCTION = ("_served_asgi (main.py", "serve_request (main.py")
 STEPS: tuple[tuple[str, tuple[str, ...], tuple[str, ...]], ...] = (
-    ("the WSGI app (everything gunicorn's worker calls)", _APP, ()),
-    ("  around the upload (WSGI adapter, answer)", _APP, _FUNCTION),
-    ("  the upload (serve_request, functions/upload/main.py)", _FUNCTION, ()),
-    ("    reading the body", ("_read_body (main.py",), ()),
+    ("the app (everything the worker calls)", _APP, ()),
+    ("  around the upload (adapter, answer)", _APP, _FUNCTION),
+    ("  the upload (_served_asgi or serve_request, functions/upload/main.py)", _FUNCTION,
+     ()),
+    ("    reading the body", ("_read_body (main.py", "RequestResponseCycle.receive ("), ()),
     ("    form parsing (parse_form)", ("parse_form (",), ()),
     ("    station, password", ("password_matches (", "StationList.get ("), ()),
     ("    checksum (match_checksum)", ("match_checksum (",), ()),
     ("    decoding gates (decode_batch)", ("decode_batch (",), ()),
     ("    object metadata (metadata_for, event days)", ("metadata_for (", "event_day_span ("), ()),
-    ("    the put (Bucket.put, obstore's Python side)", ("Bucket.put (",), ()),
+    ("    the put (Bucket.put or put_async, obstore's Python side)",
+     ("Bucket.put (", "Bucket.put_async ("), ()),
     ("    metrics (_count)", ("_count (main.py",), ()),
     ("    the log line (_log, Logger.log)", ("_log (main.py", "Logger.log ("), ()),
-    ("gunicorn's worker outside the app (main loop, parser, response)", ("",), _APP),
+    ("the worker outside the app (event loop or main loop, parser, response)", ("",),
+     _APP),
 )
 
 

@@ -232,10 +232,24 @@ def _served(environ: dict[str, Any], stream: Callable[[], Any] | None = None
     try:
         return serve_request(environ, stream)
     except Exception as exc:
-        with contextlib.suppress(Exception):
-            log.error("upload failed after its answer (answered %s): %s: %s",
-                      core.TRANSACTION_FAILED, type(exc).__name__, exc)
-        return core.TRANSACTION_FAILED, 503, True
+        return _failed_after_answer(exc)
+
+
+def _failed_after_answer(exc: Exception) -> tuple[str, int, bool]:
+    """Counting or logging failed once the answer was decided: ``205``, HTTP 503."""
+    with contextlib.suppress(Exception):
+        log.error("upload failed after its answer (answered %s): %s: %s",
+                  core.TRANSACTION_FAILED, type(exc).__name__, exc)
+    return core.TRANSACTION_FAILED, 503, True
+
+
+def _response(text: str, streamed: bool) -> tuple[bytes, list[tuple[str, str]]]:
+    """The answer's body and headers: a Content-Length unless the answer is streamed."""
+    body = text.encode("ascii")
+    headers = [("Content-Type", CONTENT_TYPE)]
+    if not streamed:
+        headers.append(("Content-Length", str(len(body))))
+    return body, headers
 
 
 #: Status lines as werkzeug writes them, for every status the function answers.
@@ -253,10 +267,7 @@ def application(
     if environ.get("PATH_INFO") in NOT_ROUTED:
         return NotFound(description="Not Found")(environ, start_response)
     text, status, streamed = _served(environ)
-    body = text.encode("ascii")
-    headers = [("Content-Type", CONTENT_TYPE)]
-    if not streamed:
-        headers.append(("Content-Length", str(len(body))))
+    body, headers = _response(text, streamed)
     start_response(_STATUS_LINES[status], headers)
     return () if environ.get("REQUEST_METHOD") == "HEAD" else (body,)
 
@@ -306,10 +317,7 @@ async def asgi_application(scope: dict[str, Any], receive: Receive, send: Send) 
                        b"" if method == "HEAD" else page.get_data())
         return
     text, status, streamed = await _served_asgi(scope, receive)
-    body = text.encode("ascii")
-    headers = [("Content-Type", CONTENT_TYPE)]
-    if not streamed:
-        headers.append(("Content-Length", str(len(body))))
+    body, headers = _response(text, streamed)
     await _respond(send, status, headers, b"" if method == "HEAD" else body)
 
 
@@ -326,10 +334,7 @@ async def _served_asgi(scope: dict[str, Any], receive: Receive) -> tuple[str, in
             answer, unread = _unexpected(exc)
         return _finished(answer, unread, started)
     except Exception as exc:
-        with contextlib.suppress(Exception):
-            log.error("upload failed after its answer (answered %s): %s: %s",
-                      core.TRANSACTION_FAILED, type(exc).__name__, exc)
-        return core.TRANSACTION_FAILED, 503, True
+        return _failed_after_answer(exc)
 
 
 async def _answer_asgi(scope: dict[str, Any], receive: Receive
